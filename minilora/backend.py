@@ -1,0 +1,148 @@
+"""Which array module minilora computes with: NumPy (default) or CuPy.
+
+This is the only module that imports CuPy. Everything else asks it for the array module:
+
+    xp = backend.xp()                   # the module arrays are *created* with
+    xp = backend.get_array_module(x)    # the module an *existing* array belongs to
+
+Choose the backend with ``use_backend("cupy")`` or the environment variable ``MINILORA_BACKEND=cupy``
+(read once, on import). Convert at the boundaries only (files, plots, tests) with ``to_numpy`` / ``asarray``.
+
+Dtype policy: float32 by default (training), float64 for gradient checks. A model picks one dtype at
+construction and every array it creates has it; the functional layer preserves the dtype of its inputs.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy
+
+BACKENDS = ("numpy", "cupy")
+FLOAT_DTYPES = ("float32", "float64")
+DEFAULT_DTYPE = "float32"
+
+_state = {"name": "numpy", "xp": numpy}
+
+
+def _import_cupy():
+    """Import CuPy and make sure a GPU is really there; a clear error otherwise."""
+    try:
+        import cupy  # the one place in minilora that imports CuPy
+    except Exception as exc:  # ImportError, or a CUDA library that fails to load
+        raise ValueError(
+            "backend 'cupy' was requested but CuPy cannot be imported "
+            f"({type(exc).__name__}: {exc}); install it with `pip install 'minilora[gpu]'` "
+            "or use backend 'numpy'"
+        ) from exc
+    try:
+        n_devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        raise ValueError(
+            f"backend 'cupy' was requested but no CUDA GPU is usable ({type(exc).__name__}: {exc}); "
+            "use backend 'numpy'"
+        ) from exc
+    if n_devices < 1:
+        raise ValueError("backend 'cupy' was requested but no CUDA GPU is present; use backend 'numpy'")
+    return cupy
+
+
+def use_backend(name: str) -> None:
+    """Select the array module for everything created from now on: "numpy" or "cupy"."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend name must be a string, one of {BACKENDS}; got {type(name).__name__}")
+    key = name.strip().lower()
+    if key not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    _state["xp"] = numpy if key == "numpy" else _import_cupy()
+    _state["name"] = key
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """``with backend("cupy"): ...`` selects a backend for the block, then restores the previous one."""
+    previous = _state["name"]
+    use_backend(name)
+    try:
+        yield _state["xp"]
+    finally:
+        use_backend(previous)
+
+
+def current_backend() -> str:
+    """The name of the selected backend: "numpy" or "cupy"."""
+    return _state["name"]
+
+
+def xp():
+    """The selected array module (``numpy`` or ``cupy``), for creating new arrays."""
+    return _state["xp"]
+
+
+def get_array_module(*arrays):
+    """The module (numpy or cupy) that the given arrays belong to; numpy for host arrays and scalars."""
+    for a in arrays:
+        if type(a).__module__.startswith("cupy"):
+            return _state["xp"] if _state["name"] == "cupy" else _import_cupy()
+    return numpy
+
+
+def is_array(x) -> bool:
+    """True for a NumPy or CuPy ndarray."""
+    return isinstance(x, numpy.ndarray) or type(x).__module__.startswith("cupy")
+
+
+def to_numpy(x):
+    """A host (NumPy) copy or view of ``x``; NumPy arrays pass through unchanged."""
+    if type(x).__module__.startswith("cupy"):
+        return x.get()
+    return numpy.asarray(x)
+
+
+def asarray(x, dtype=None):
+    """``x`` as an array of the selected backend (copied to the GPU when that backend is CuPy)."""
+    return _state["xp"].asarray(x, dtype=dtype)
+
+
+def resolve_dtype(dtype) -> str:
+    """Validate a floating dtype and return its name ("float32" or "float64")."""
+    if dtype is None:
+        return DEFAULT_DTYPE
+    try:
+        name = numpy.dtype(dtype).name
+    except TypeError as exc:
+        raise TypeError(f"dtype must be one of {FLOAT_DTYPES}; got {dtype!r}") from exc
+    if name not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be one of {FLOAT_DTYPES}; got {dtype!r}")
+    return name
+
+
+def rng(seed):
+    """A seeded random generator of the selected backend (``seed``: int, or an existing generator)."""
+    if not isinstance(seed, (int, numpy.integer)) and hasattr(seed, "standard_normal"):
+        return seed
+    if not isinstance(seed, (int, numpy.integer)) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int; got {type(seed).__name__} {seed!r}")
+    return _state["xp"].random.default_rng(int(seed))
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place."""
+    module = get_array_module(target)
+    if module is numpy:
+        numpy.add.at(target, indices, values)
+    else:
+        import cupyx  # CuPy's companion package; reached only when the arrays already live on the GPU
+
+        cupyx.scatter_add(target, indices, values)
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work to finish (a no-op on NumPy); use before reading a clock."""
+    if _state["name"] == "cupy":
+        _state["xp"].cuda.get_current_stream().synchronize()
+
+
+_env = os.environ.get("MINILORA_BACKEND")
+if _env:
+    use_backend(_env)

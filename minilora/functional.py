@@ -1,0 +1,284 @@
+"""The math of a GPT-2: forward/backward pairs, pure functions of arrays.
+
+Every layer is two functions, as in CS231n's ``layers.py`` and llm.c:
+
+    out, cache = <layer>_forward(x, params...)
+    dx, dparams... = <layer>_backward(dout, cache)
+
+The cache holds exactly what the backward needs. Each backward line names the forward line it
+differentiates ("fwd: ..."). Backwards return fresh arrays, so a caller may keep them as gradients.
+A backward can skip the gradient of a frozen weight (``weight_grad=False`` returns ``None`` in its
+place): that skipped matrix product is the saving LoRA exists for.
+
+Arrays may be NumPy or CuPy; each function uses the module its inputs belong to and keeps their dtype
+(Python float constants never upcast a float32 array).
+
+Shapes: B batch, T time, C channels, H heads, hs = C // H head size, V vocabulary, N = B*T rows.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import get_array_module, scatter_add
+
+# ----------------------------------------------------------------------------------------------------
+# linear
+
+
+def linear_forward(x, W, b=None):
+    """y = x @ W + b.
+
+    x: (..., in) inputs; W: (in, out) weight; b: (out,) bias or None.
+    Returns y: (..., out) and the cache (x, W, has_bias).
+    """
+    x2 = x.reshape(-1, x.shape[-1])      # (N, in): one matrix product instead of one per batch row
+    y = x2 @ W                           # (N, out)
+    if b is not None:
+        y += b
+    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
+
+
+def linear_backward(dy, cache, weight_grad=True, bias_grad=True, input_grad=True):
+    """Gradients of y = x @ W + b.
+
+    dy: (..., out). Returns dx: (..., in), dW: (in, out), db: (out,); each is None when its flag is
+    False (a frozen weight or bias, or an input that needs no gradient) or, for db, when there is no bias.
+    """
+    x, W, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])                                  # (N, out)
+    dx = (dy2 @ W.T).reshape(x.shape) if input_grad else None           # fwd: y = x @ W
+    dW = x.reshape(-1, x.shape[-1]).T @ dy2 if weight_grad else None    # fwd: y = x @ W
+    db = dy2.sum(axis=0) if (has_bias and bias_grad) else None          # fwd: y += b
+    return dx, dW, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# embedding
+
+
+def embedding_forward(idx, W):
+    """out = W[idx]: one row of the table per token.
+
+    idx: integer array of any shape S; W: (V, C) table. Returns out: (*S, C) and the cache.
+    """
+    return W[idx], (idx, W.shape)
+
+
+def embedding_backward(dout, cache):
+    """Gradient of the table: each row collects the sum of dout over every position that looked it up.
+
+    dout: (*S, C). Returns dW: (V, C). A token repeated in idx accumulates (scatter-add, not assignment).
+    """
+    idx, table_shape = cache
+    xp = get_array_module(dout)
+    dW = xp.zeros(table_shape, dtype=dout.dtype)
+    scatter_add(dW, idx.reshape(-1), dout.reshape(-1, table_shape[1]))  # fwd: out = W[idx]
+    return dW
+
+
+# ----------------------------------------------------------------------------------------------------
+# layernorm
+
+
+def layernorm_forward(x, w, b, eps=1e-5):
+    """Normalise each row of x over its last axis, then scale and shift (GPT-2's LayerNorm, eps 1e-5).
+
+    x: (..., C); w, b: (C,). Returns out: (..., C) and the cache (xhat, w, rstd).
+    """
+    xp = get_array_module(x)
+    mean = x.mean(axis=-1, keepdims=True)          # (..., 1)
+    xc = x - mean                                  # (..., C)
+    var = (xc * xc).mean(axis=-1, keepdims=True)   # (..., 1) biased variance, as torch
+    rstd = 1.0 / xp.sqrt(var + eps)                # (..., 1)
+    xhat = xc * rstd                               # (..., C)
+    out = xhat * w + b                             # (..., C)
+    return out, (xhat, w, rstd)
+
+
+def layernorm_backward(dout, cache, param_grad=True):
+    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,) (None, None if frozen)."""
+    xhat, w, rstd = cache
+    C = xhat.shape[-1]
+    if param_grad:
+        rows = dout.reshape(-1, C)
+        db = rows.sum(axis=0)                                  # fwd: out = xhat * w + b
+        dw = (rows * xhat.reshape(-1, C)).sum(axis=0)          # fwd: out = xhat * w + b
+    else:
+        dw = db = None
+    dxhat = dout * w                                           # fwd: out = xhat * w + b
+    # fwd: xhat = (x - mean) * rstd, with mean and rstd functions of x; the three terms are the direct path,
+    # the path through the mean, and the path through the variance (llm.c doc/layernorm).
+    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# gelu (tanh approximation, as GPT-2's "gelu_new")
+
+_GELU_K = math.sqrt(2.0 / math.pi)   # Python floats: they never upcast a float32 array
+_GELU_C = 0.044715
+
+
+def gelu_forward(x):
+    """out = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
+
+    x: any shape. Returns out (same shape) and the cache (x, tanh term).
+    """
+    xp = get_array_module(x)
+    inner = x * x                        # x^2
+    inner *= _GELU_C
+    inner += 1.0
+    inner *= x
+    inner *= _GELU_K                     # u = k (x + 0.044715 x^3)
+    t = xp.tanh(inner, out=inner)        # t = tanh(u)
+    out = t + 1.0
+    out *= x
+    out *= 0.5                           # out = 0.5 x (1 + t)
+    return out, (x, t)
+
+
+def gelu_backward(dout, cache):
+    """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))."""
+    x, t = cache
+    # fwd: u = k (x + 0.044715 x^3)  ->  du/dx = k (1 + 3 * 0.044715 x^2)
+    du = x * x
+    du *= 3.0 * _GELU_C * _GELU_K
+    du += _GELU_K
+    # fwd: t = tanh(u)  ->  dt/du = 1 - t^2
+    dt = t * t
+    dt -= 1.0                            # t^2 - 1 = -(1 - t^2)
+    dt *= x
+    dt *= du
+    dt *= -0.5                           # 0.5 x (1 - t^2) du/dx
+    # fwd: out = 0.5 x (1 + t)  ->  d out/dx = 0.5 (1 + t) + 0.5 x dt/dx
+    dt += 0.5
+    dt += 0.5 * t
+    dt *= dout
+    return dt
+
+
+# ----------------------------------------------------------------------------------------------------
+# dropout (inverted: scaled at training time, identity at evaluation)
+
+
+def dropout_forward(x, p, rng=None):
+    """Zero each element with probability p and scale the rest by 1/(1-p).
+
+    x: any shape; p: float in [0, 1); rng: a seeded generator (needed when p > 0).
+    Returns out and the cache (the scaled keep-mask, or None when p == 0).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1); got {p!r}")
+    if p == 0.0:
+        return x, None
+    if rng is None:
+        raise ValueError("dropout with p > 0 needs a seeded random generator (rng)")
+    mask = rng.random(x.shape, dtype=x.dtype) >= p
+    scaled_mask = mask.astype(x.dtype) * (1.0 / (1.0 - p))
+    return x * scaled_mask, scaled_mask
+
+
+def dropout_backward(dout, cache):
+    """dx = dout * mask / (1 - p)."""
+    if cache is None:
+        return dout
+    return dout * cache                  # fwd: out = x * scaled_mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# causal multi-head self-attention
+
+_causal_mask_cache = {}
+
+
+def _causal_mask(xp, T, dtype):
+    """(T, T) additive mask: 0 on and below the diagonal, -inf above (a token never sees the future)."""
+    key = (xp.__name__, T, str(dtype))
+    if key not in _causal_mask_cache:
+        mask = xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
+        _causal_mask_cache[key] = mask
+    return _causal_mask_cache[key]
+
+
+def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
+    """Causal scaled dot-product attention over n_head heads.
+
+    q, k, v: (B, T, C) projections, C = n_head * hs. Returns y: (B, T, C) (heads joined, before the output
+    projection) and the cache.
+    """
+    xp = get_array_module(q)
+    B, T, C = q.shape
+    hs = C // n_head
+    scale = 1.0 / math.sqrt(hs)
+    # (B, T, C) -> (B, H, T, hs); q is scaled here (B*T*C multiplies) rather than the scores (B*H*T*T)
+    qh = (q * scale).reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    kh = k.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    vh = v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    att = qh @ kh.transpose(0, 1, 3, 2)            # (B, H, T, T) scores, already divided by sqrt(hs)
+    att += _causal_mask(xp, T, att.dtype)          # future positions -> -inf
+    att -= att.max(axis=-1, keepdims=True)         # softmax, stabilised (the diagonal is always finite)
+    xp.exp(att, out=att)
+    att /= att.sum(axis=-1, keepdims=True)         # (B, H, T, T) probabilities, rows sum to 1
+    att_drop, drop_cache = dropout_forward(att, dropout_p, rng)
+    yh = att_drop @ vh                             # (B, H, T, hs)
+    y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) heads side by side
+    return y, (qh, kh, vh, att, att_drop, drop_cache, scale)
+
+
+def attention_backward(dy, cache):
+    """Gradients of causal attention. dy: (B, T, C). Returns dq, dk, dv: (B, T, C)."""
+    qh, kh, vh, att, att_drop, drop_cache, scale = cache
+    B, H, T, hs = qh.shape
+    dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # fwd: y = yh.transpose(...).reshape(B, T, C)
+    datt = dyh @ vh.transpose(0, 1, 3, 2)                     # fwd: yh = att_drop @ vh
+    dvh = att_drop.transpose(0, 1, 3, 2) @ dyh                # fwd: yh = att_drop @ vh
+    datt = dropout_backward(datt, drop_cache)                 # fwd: att_drop = dropout(att)
+    # fwd: att = softmax(scores): dscores = att * (datt - sum_j datt_j att_j). Masked entries have att = 0,
+    # so they get no gradient, as the constant mask deserves.
+    dscores = datt * att
+    dscores -= att * dscores.sum(axis=-1, keepdims=True)
+    dqh = dscores @ kh                                        # fwd: scores = qh @ kh^T
+    dkh = dscores.transpose(0, 1, 3, 2) @ qh                  # fwd: scores = qh @ kh^T
+    dqh *= scale                                              # fwd: qh = q * scale (kh was not scaled)
+    join = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # fwd: (B, T, C) -> (B, H, T, hs)
+    return join(dqh), join(dkh), join(dvh)
+
+
+# ----------------------------------------------------------------------------------------------------
+# softmax cross-entropy (fused forward and backward)
+
+
+def softmax_cross_entropy(logits, targets, ignore_index=None):
+    """Mean cross-entropy of softmax(logits) against integer targets, and its gradient in one pass.
+
+    logits: (..., V) scores; targets: integer array of shape logits.shape[:-1]; ignore_index: a target
+    value whose positions count for nothing (neither in the loss nor in the mean), or None.
+    Returns loss (Python float, mean over counted positions) and dlogits (same shape as logits).
+    """
+    xp = get_array_module(logits)
+    V = logits.shape[-1]
+    rows = logits.reshape(-1, V)                                    # (N, V)
+    tgt = targets.reshape(-1)                                       # (N,)
+    keep = None if ignore_index is None else (tgt != ignore_index)
+    if keep is not None:
+        tgt = xp.where(keep, tgt, 0)                                # any valid index; masked out below
+    n_counted = rows.shape[0] if keep is None else int(keep.sum())
+    if n_counted == 0:
+        raise ValueError("every target equals ignore_index: the mean cross-entropy over no tokens is undefined")
+    shifted = rows - rows.max(axis=1, keepdims=True)                # (N, V) stable: max logit is 0
+    probs = xp.exp(shifted)
+    sums = probs.sum(axis=1, keepdims=True)                         # (N, 1)
+    n_rows = xp.arange(rows.shape[0])
+    token_loss = xp.log(sums[:, 0]) - shifted[n_rows, tgt]          # (N,) -log softmax(logits)[target]
+    if keep is not None:
+        token_loss = token_loss * keep
+    loss = float(token_loss.sum()) / n_counted
+    # d loss / d logits = (softmax(logits) - onehot(target)) / n_counted, zero on ignored rows
+    probs /= sums
+    probs[n_rows, tgt] -= 1.0
+    if keep is not None:
+        probs *= keep[:, None]
+    probs *= 1.0 / n_counted
+    return loss, probs.reshape(logits.shape)

@@ -1,0 +1,163 @@
+"""GPT-2, small enough to read: learned positions, pre-LayerNorm blocks, tied input/output embeddings.
+
+    logits = ln_f(blocks(drop(wte[idx] + wpe[pos]))) @ wte^T
+
+Initialisation as GPT-2: weights N(0, 0.02^2), the residual projections (attention o_proj and MLP proj)
+N(0, (0.02 / sqrt(2 n_layer))^2), biases zero, LayerNorm weight one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy
+
+from . import backend
+from . import functional as F
+from .nn import Block, Dropout, Embedding, LayerNorm, Module, ModuleList
+
+
+@dataclass
+class GPTConfig:
+    """The architecture. The defaults are minilora's tiny GPT (about 0.8M parameters)."""
+
+    vocab_size: int = 96
+    block_size: int = 128       # longest sequence (number of learned positions)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)):
+                raise TypeError(f"GPTConfig.{name} must be an int; got {type(value).__name__} {value!r}")
+            if value < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1; got {value}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"GPTConfig.n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}): "
+                "each head gets n_embd // n_head channels"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be a float in [0, 1); got {self.dropout!r}")
+        if not isinstance(self.layer_norm_epsilon, (int, float)) or not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0; got {self.layer_norm_epsilon!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class GPT(Module):
+    """The GPT-2 language model. ``forward(idx)`` -> logits; ``backward(dlogits)`` accumulates gradients."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, dtype="float32"):
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig; got {type(config).__name__}")
+        self.config = config
+        self.dtype = backend.resolve_dtype(dtype)
+        init_rng = numpy.random.default_rng(seed)    # host generator: identical weights on NumPy and CuPy
+        self._dropout_rng = backend.rng(seed + 1)     # masks are drawn where the arrays live
+        c = config
+        proj_std = 0.02 / math.sqrt(2 * c.n_layer)    # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
+        self.wte = Embedding(c.vocab_size, c.n_embd, rng=init_rng, dtype=self.dtype)
+        self.wpe = Embedding(c.block_size, c.n_embd, rng=init_rng, dtype=self.dtype)
+        self.drop = Dropout(c.dropout, self._dropout_rng)
+        self.h = ModuleList(
+            Block(c.n_embd, c.n_head, c.dropout, c.layer_norm_epsilon, 0.02, proj_std, init_rng,
+                  self._dropout_rng, self.dtype)
+            for _ in range(c.n_layer)
+        )
+        self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, self.dtype)
+
+    # ------------------------------------------------------------------------------------------------
+    def _check_idx(self, idx):
+        """Validate token ids at the public boundary, before any computation."""
+        if not backend.is_array(idx):
+            if isinstance(idx, (list, tuple)):
+                idx = numpy.asarray(idx)
+            else:
+                raise TypeError(f"idx must be an integer array of shape (B, T); got {type(idx).__name__}")
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"idx must hold integer token ids; got dtype {idx.dtype}")
+        if idx.ndim != 2:
+            raise ValueError(f"idx must have shape (B, T) (2 dimensions); got {idx.ndim} dimensions, shape {tuple(idx.shape)}")
+        B, T = idx.shape
+        if B < 1 or T < 1:
+            raise ValueError(f"idx must have at least one sequence and one token; got shape {tuple(idx.shape)}")
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is out of range: ids must be in [0, {self.config.vocab_size - 1}]")
+        return backend.asarray(idx)
+
+    def forward(self, idx):
+        """idx: integer array (B, T), T <= block_size -> logits (B, T, vocab_size)."""
+        idx = self._check_idx(idx)
+        B, T = idx.shape
+        xp = backend.get_array_module(idx)
+        x = self.wte.forward(idx) + self.wpe.forward(xp.arange(T))    # (B, T, C) + (T, C)
+        x = self.drop.forward(x)
+        for block in self.h:
+            x = block.forward(x)
+        x = self.ln_f.forward(x)
+        # the output head reuses the token table (tied weights): logits = x @ wte^T
+        logits, self._cache = F.linear_forward(x, self.wte.weight.data.T)   # (B, T, V)
+        return logits
+
+    def backward(self, dlogits) -> None:
+        """dlogits: (B, T, vocab_size), the gradient of the loss. Accumulates every trainable gradient."""
+        cache = self.__dict__.get("_cache")
+        if cache is None:
+            raise RuntimeError("GPT.backward called without a forward first (or twice)")
+        expected = (*cache[0].shape[:-1], self.config.vocab_size)
+        if tuple(dlogits.shape) != expected:
+            raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}; the last forward produced logits of shape {expected}")
+        del self._cache
+        wte = self.wte.weight
+        dx, dWt, _ = F.linear_backward(dlogits, cache, weight_grad=wte.trainable)   # fwd: logits = x @ wte^T
+        if dWt is not None:
+            wte.accumulate_grad(backend.get_array_module(dWt).ascontiguousarray(dWt.T))
+        dx = self.ln_f.backward(dx)
+        for block in reversed(self.h._items):
+            dx = block.backward(dx)
+        dx = self.drop.backward(dx)
+        # fwd: x = wte[idx] + wpe[arange(T)]; wpe's rows were shared by the batch, so their gradient sums over it
+        self.wpe.backward(dx.sum(axis=0))
+        self.wte.backward(dx)   # adds to the head's gradient: a tied weight's gradient is the sum of both uses
+
+    def __repr__(self):
+        c = self.config
+        return (f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "
+                f"block_size={c.block_size}, dtype={self.dtype}, parameters={self.num_parameters():,})")
+
+
+def cross_entropy(logits, targets, ignore_index=None):
+    """Mean softmax cross-entropy over tokens and its gradient: (loss, dlogits).
+
+    logits: (B, T, V) (or (N, V)); targets: integer array logits.shape[:-1] with values in [0, V) (or
+    ignore_index, whose positions are left out of the mean).
+    """
+    if not backend.is_array(logits):
+        raise TypeError(f"logits must be an array (..., V); got {type(logits).__name__}")
+    if not backend.is_array(targets):
+        if isinstance(targets, (list, tuple)):
+            targets = numpy.asarray(targets)
+        else:
+            raise TypeError(f"targets must be an integer array; got {type(targets).__name__}")
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"targets must hold integer class ids; got dtype {targets.dtype}")
+    if tuple(targets.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"targets have shape {tuple(targets.shape)}; logits {tuple(logits.shape)} need {tuple(logits.shape[:-1])}")
+    V = logits.shape[-1]
+    counted = targets if ignore_index is None else targets[targets != ignore_index]
+    if counted.size and (int(counted.min()) < 0 or int(counted.max()) >= V):
+        bad = int(counted.min()) if int(counted.min()) < 0 else int(counted.max())
+        raise ValueError(f"target {bad} is out of range: targets must be in [0, {V - 1}]"
+                         + ("" if ignore_index is None else f" or equal ignore_index {ignore_index}"))
+    targets = backend.get_array_module(logits).asarray(targets)
+    return F.softmax_cross_entropy(logits, targets, ignore_index)
