@@ -73,7 +73,8 @@ def torch_step(config, B, seed=0, threads=None):
     torch.manual_seed(seed)
     hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
                     n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon)
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
+                    bos_token_id=0, eos_token_id=0)
     model = GPT2LMHeadModel(hf).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
@@ -86,7 +87,7 @@ def torch_step(config, B, seed=0, threads=None):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach().item()
 
     return step
 

@@ -72,8 +72,10 @@ def dropout_case(rng, B, T, C):
 
 
 def attention_case(n_head, dropout_p=0.0):
+    """n_head: a number, or a function of C."""
     def case(rng, B, T, C):
-        return (lambda q, k, v: F.attention_forward(q, k, v, n_head, dropout_p,
+        H = n_head(C) if callable(n_head) else n_head
+        return (lambda q, k, v: F.attention_forward(q, k, v, H, dropout_p,
                                                     np.random.default_rng(5) if dropout_p else None),
                 lambda d, c: dict(zip(("q", "k", "v"), F.attention_backward(d, c))),
                 dict(q=randn(rng, B, T, C), k=randn(rng, B, T, C), v=randn(rng, B, T, C)))
@@ -106,7 +108,7 @@ LAYERS = {
     "dropout": dropout_case,
     "attention-1-head": attention_case(1),
     "attention-2-heads": attention_case(2),
-    "attention-head-size-2": None,   # n_head = C // 2 depends on the shape; filled in by run_case
+    "attention-head-size-2": attention_case(lambda C: C // 2),
     "attention-2-heads-dropout": attention_case(2, dropout_p=0.3),
     "cross-entropy": cross_entropy_case(None),
     "cross-entropy-ignore-index": cross_entropy_case(-100),
@@ -116,8 +118,7 @@ LAYERS = {
 def run_case(layer, shape, seed=0):
     B, T, C = shape
     rng = np.random.default_rng(seed)
-    make = LAYERS[layer] or attention_case(C // 2)
-    forward, backward, inputs = make(rng, B, T, C)
+    forward, backward, inputs = LAYERS[layer](rng, B, T, C)
     return gc.check_layer(layer, forward, backward, inputs, seed=seed)
 
 
@@ -131,6 +132,26 @@ def test_layer_backward_matches_finite_differences(layer, shape):
     for r in results:
         assert r.rel_error <= THRESHOLD, f"{layer} {shape} d{r.param}: rel error {r.rel_error:.2e}"
         assert r.passed
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_layer_pairs_are_pure_functions(layer):
+    """Neither half writes into its arguments, and a cache can be used twice (in-place speed-ups stay inside)."""
+    B, T, C = 2, 4, 6
+    rng = np.random.default_rng(3)
+    forward, backward, inputs = LAYERS[layer](rng, B, T, C)
+    saved = {k: v.copy() for k, v in inputs.items() if isinstance(v, np.ndarray)}
+    out, cache = forward(**inputs)
+    dout = rng.standard_normal(np.shape(out))
+    dout_saved = dout.copy()
+    first = backward(dout, cache)
+    second = backward(dout, cache)
+    for k, v in saved.items():
+        np.testing.assert_array_equal(inputs[k], v, err_msg=f"forward or backward changed input {k}")
+    np.testing.assert_array_equal(dout, dout_saved, err_msg="backward changed dout")
+    for k, g in first.items():
+        if g is not None:
+            np.testing.assert_array_equal(second[k], g, err_msg=f"a second backward gave another d{k}")
 
 
 def test_library_layer_checks_cover_every_layer_and_pass():
@@ -157,10 +178,10 @@ def test_frozen_flags_skip_gradients_but_keep_the_rest():
     assert F.linear_backward(dy, cache, bias_grad=False)[2] is None
     assert F.linear_backward(dy, cache, input_grad=False)[0] is None
 
-    xl, w, bl = randn(rng, 2, 3, 5), randn(rng, 5), randn(rng, 5)
+    xl, w, bl, dout = randn(rng, 2, 3, 5), randn(rng, 5), randn(rng, 5), randn(rng, 2, 3, 5)
     _, cache = F.layernorm_forward(xl, w, bl)
-    full = F.layernorm_backward(dy[..., :1] * np.ones(5), cache)
-    frozen = F.layernorm_backward(dy[..., :1] * np.ones(5), cache, param_grad=False)
+    full = F.layernorm_backward(dout, cache)
+    frozen = F.layernorm_backward(dout, cache, param_grad=False)
     assert frozen[1] is None and frozen[2] is None
     np.testing.assert_array_equal(frozen[0], full[0])
 

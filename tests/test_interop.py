@@ -78,12 +78,13 @@ def test_transformers_checkpoint_loads_in_minilora(tmp_path):
     hf_config = transformers.GPT2Config(
         vocab_size=CONFIG.vocab_size, n_positions=CONFIG.block_size, n_embd=CONFIG.n_embd, n_layer=CONFIG.n_layer,
         n_head=CONFIG.n_head, activation_function="gelu_new", bos_token_id=0, eos_token_id=0,
+        attn_implementation="eager",
     )
-    torch.manual_seed(0)
-    hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation="eager").double().eval()
+    hf = transformers.GPT2LMHeadModel(hf_config).double().eval()
+    noise = torch.Generator().manual_seed(0)
     with torch.no_grad():   # non-trivial biases and LayerNorm (HF initialises them to 0 and 1)
         for p in hf.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+            p.add_(0.1 * torch.randn(p.shape, generator=noise, dtype=p.dtype))
     hf.save_pretrained(tmp_path)
 
     model = load_hf_gpt2(tmp_path, dtype="float64")

@@ -43,9 +43,9 @@ def hf_twin(model, attn_implementation="eager"):
         vocab_size=c.vocab_size, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
         activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         layer_norm_epsilon=c.layer_norm_epsilon, bos_token_id=0, eos_token_id=0,
+        attn_implementation=attn_implementation,
     )
-    hf = transformers.GPT2LMHeadModel._from_config(hf_config, attn_implementation=attn_implementation)
-    hf = hf.double().eval()
+    hf = transformers.GPT2LMHeadModel(hf_config).double().eval()
     assert hf.config._attn_implementation == attn_implementation
     assert hf.lm_head.weight is hf.transformer.wte.weight, "the HF head must be tied to wte"
 
