@@ -149,21 +149,22 @@ def gelu_forward(x):
 def gelu_backward(dout, cache):
     """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))."""
     x, t = cache
+    xp = get_array_module(x)
     # fwd: u = k (x + 0.044715 x^3)  ->  du/dx = k (1 + 3 * 0.044715 x^2)
     du = x * x
     du *= 3.0 * _GELU_C * _GELU_K
     du += _GELU_K
-    # fwd: t = tanh(u)  ->  dt/du = 1 - t^2
-    dt = t * t
-    dt -= 1.0                            # t^2 - 1 = -(1 - t^2)
-    dt *= x
-    dt *= du
-    dt *= -0.5                           # 0.5 x (1 - t^2) du/dx
-    # fwd: out = 0.5 x (1 + t)  ->  d out/dx = 0.5 (1 + t) + 0.5 x dt/dx
-    dt += 0.5
-    dt += 0.5 * t
-    dt *= dout
-    return dt
+    # fwd: t = tanh(u)  ->  dt/du = 1 - t^2;  a = (t^2 - 1) x du/dx = -x dt/dx
+    dx = t * t
+    dx -= 1.0
+    dx *= x
+    dx *= du
+    # fwd: out = 0.5 x (1 + t)  ->  d out/dx = 0.5 (1 + t) + 0.5 x dt/dx = 0.5 (1 + t - a)
+    xp.subtract(t, dx, out=dx)
+    dx += 1.0
+    dx *= 0.5
+    dx *= dout
+    return dx
 
 
 # ----------------------------------------------------------------------------------------------------

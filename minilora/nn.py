@@ -309,11 +309,17 @@ class Block(Module):
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""
-        x = x + self.attn.forward(self.ln_1.forward(x))
-        return x + self.mlp.forward(self.ln_2.forward(x))
+        h = self.attn.forward(self.ln_1.forward(x))
+        h += x                                   # h = x + attn(ln_1(x)) (added in place: attn's output is fresh)
+        out = self.mlp.forward(self.ln_2.forward(h))
+        out += h                                 # out = h + mlp(ln_2(h))
+        return out
 
     def backward(self, dout):
         # fwd: out = h + mlp(ln_2(h)); the residual passes dout through unchanged
-        dh = dout + self.ln_2.backward(self.mlp.backward(dout))
+        dh = self.ln_2.backward(self.mlp.backward(dout))
+        dh += dout
         # fwd: h = x + attn(ln_1(x))
-        return dh + self.ln_1.backward(self.attn.backward(dh))
+        dx = self.ln_1.backward(self.attn.backward(dh))
+        dx += dh
+        return dx
