@@ -37,6 +37,90 @@ def _bench(args) -> int:
     return 0
 
 
+def _pretrain(args) -> int:
+    import math
+    import shutil
+    import time
+    from pathlib import Path
+
+    from . import data, train
+    from .model import GPT, GPTConfig
+    from .pretrained import NAME, export_pretrained
+
+    corpus = data.load_corpus(args.corpus)
+    downstream = data.load_corpus(args.downstream) if args.downstream else None
+    config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
+                       dropout=args.dropout)
+    model = GPT(config, seed=args.seed)
+    tc = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.lr / 10,
+                           warmup_steps=min(args.warmup_steps, args.steps), eval_every=args.eval_every,
+                           checkpoint_every=args.checkpoint_every, out_dir=args.out, seed=args.seed, quiet=args.quiet)
+    resume = Path(args.out) / train.CHECKPOINT_NAME if args.resume else None
+    print(f"pretraining {model!r} on {corpus.name!r} ({len(corpus.train):,} training tokens), "
+          f"{tc.steps} steps of {tc.batch_size} x {config.block_size} tokens")
+    t0 = time.perf_counter()
+    result = train.fit(model, corpus.train, corpus.val, tc, resume_from=resume,
+                       meta={"corpus": corpus.name, "seed": args.seed})
+    wall = time.perf_counter() - t0
+    val = train.evaluate(model, corpus.val)
+    last = [loss for _, loss in result.train[-50:]]
+    meta = {
+        "corpus": corpus.name, "seed": args.seed, "steps": tc.steps, "batch_size": tc.batch_size,
+        "train_loss": sum(last) / len(last), "val_loss": val, "wall_seconds": wall,
+        "tokens_per_second": result.tokens_per_second, "command": "minilora " + " ".join(sys.argv[1:]),
+    }
+    print(f"\n{corpus.name} validation: {val:.4f} nats/char = {val / math.log(2):.4f} bits/char")
+    if downstream is not None:
+        meta["downstream_corpus"] = downstream.name
+        meta["downstream_val_loss"] = train.evaluate(model, downstream.val)
+        print(f"{downstream.name} validation (unseen domain): {meta['downstream_val_loss']:.4f} nats/char = "
+              f"{meta['downstream_val_loss'] / math.log(2):.4f} bits/char")
+    weights = export_pretrained(model, meta, args.out)
+    print(f"wall time {wall:.0f} s, {result.tokens_per_second:.0f} tokens/s; wrote {weights}")
+    if args.export_to:
+        Path(args.export_to).mkdir(parents=True, exist_ok=True)
+        for suffix in (".safetensors", ".json"):
+            shutil.copyfile(Path(args.out) / f"{NAME}{suffix}", Path(args.export_to) / f"{NAME}{suffix}")
+        print(f"exported to {args.export_to}")
+    return 0
+
+
+def _load_model(checkpoint):
+    from .pretrained import load_pretrained
+    from .train import load_checkpoint
+
+    if checkpoint is None:
+        return load_pretrained(), "the shipped pretrained tiny GPT"
+    return load_checkpoint(checkpoint)[0], checkpoint
+
+
+def _sample(args) -> int:
+    from . import tokenizer
+
+    model, source = _load_model(args.checkpoint)
+    prompt = tokenizer.encode(args.prompt)
+    if prompt.size == 0:
+        raise ValueError("the prompt is empty: give at least one character with --prompt")
+    out = model.generate(prompt[None, -model.config.block_size:].astype("int64"), args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(tokenizer.decode(out[0]))
+    return 0
+
+
+def _eval(args) -> int:
+    import math
+
+    from . import data, train
+
+    model, source = _load_model(args.checkpoint)
+    corpus = data.load_corpus(args.corpus)
+    ids = corpus.val if args.split == "val" else corpus.train
+    loss = train.evaluate(model, ids, batch_size=args.batch_size, max_batches=args.max_batches)
+    print(f"{source} on {corpus.name} ({args.split}, {len(ids):,} characters): "
+          f"loss {loss:.4f} nats/char, {loss / math.log(2):.4f} bits/char")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA from scratch on a hand-written tiny GPT-2.")
     parser.add_argument("--backend", choices=backend.BACKENDS, help="array backend (default: numpy, or $MINILORA_BACKEND)")
@@ -60,6 +144,49 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-profile", action="store_true", help="skip the per-layer breakdown")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.set_defaults(func=_bench)
+
+    p = sub.add_parser("pretrain", help="pretrain a tiny GPT on a corpus",
+                       description="Pretrain a GPT on a corpus from Python's own installation; writes checkpoints "
+                                   "and the weights-only model to --out.")
+    p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints and the model")
+    p.add_argument("--corpus", default="pydoc", help="pretraining corpus (default: pydoc)")
+    p.add_argument("--downstream", default="python-email",
+                   help="a corpus pretraining does not see, evaluated at the end ('' to skip)")
+    p.add_argument("--steps", type=int, default=1800)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.safetensors")
+    p.add_argument("--export-to", help="also copy the weights-only model here (e.g. minilora/pretrained)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+    s = sub.add_parser("sample", help="generate text from a model",
+                       description="Generate text from a checkpoint (default: the shipped pretrained tiny GPT).")
+    s.add_argument("--checkpoint", help="a checkpoint .safetensors (default: the shipped model)")
+    s.add_argument("--prompt", default="The ")
+    s.add_argument("--max-new-tokens", type=int, default=300)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_sample)
+
+    e = sub.add_parser("eval", help="loss and bits per character of a model on a corpus",
+                       description="Evaluate a checkpoint (default: the shipped model) on a corpus split.")
+    e.add_argument("--checkpoint", help="a checkpoint .safetensors (default: the shipped model)")
+    e.add_argument("--corpus", default="pydoc")
+    e.add_argument("--split", choices=("train", "val"), default="val")
+    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    e.set_defaults(func=_eval)
     return parser
 
 
@@ -69,7 +196,7 @@ def main(argv=None) -> int:
         if args.backend:
             backend.use_backend(args.backend)
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
         print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

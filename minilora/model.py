@@ -130,6 +130,46 @@ class GPT(Module):
         self.wpe.backward(dx.sum(axis=0))
         self.wte.backward(dx)   # adds to the head's gradient: a tied weight's gradient is the sum of both uses
 
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed=None):
+        """Sample max_new_tokens tokens after the prompt idx, one at a time.
+
+        idx: integer array (B, T) of prompt ids; temperature: > 0 scales the logits (0 means greedy: always the
+        most likely token); top_k: sample only among the k most likely tokens; seed: for the sampling generator.
+        The context is cropped to the last block_size tokens. Returns a NumPy array (B, T + max_new_tokens).
+        Runs in evaluation mode (no dropout) and restores the previous mode afterwards.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, numpy.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0; got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"temperature must be a number >= 0; got {temperature!r}")
+        V = self.config.vocab_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, numpy.integer)) or not 1 <= top_k <= V):
+            raise ValueError(f"top_k must be None or an int in [1, {V}]; got {top_k!r}")
+        out = backend.to_numpy(self._check_idx(idx)).astype(numpy.int64)
+        rng = numpy.random.default_rng(seed)
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = out[:, -self.config.block_size:]
+                logits = backend.to_numpy(self.forward(context))[:, -1, :].astype(numpy.float64)   # (B, V)
+                if temperature == 0:
+                    next_ids = logits.argmax(axis=1)
+                else:
+                    logits /= temperature
+                    if top_k is not None:
+                        kth = numpy.sort(logits, axis=1)[:, -top_k][:, None]
+                        logits[logits < kth] = -numpy.inf                 # keep only the k largest
+                    probs = numpy.exp(logits - logits.max(axis=1, keepdims=True))
+                    probs /= probs.sum(axis=1, keepdims=True)
+                    # inverse-CDF sampling: the first id whose cumulative probability exceeds a uniform draw
+                    u = rng.random((len(probs), 1))
+                    next_ids = numpy.minimum((probs.cumsum(axis=1) < u).sum(axis=1), V - 1)
+                out = numpy.concatenate([out, next_ids[:, None]], axis=1)
+        finally:
+            self.train(was_training)
+        return out
+
     def __repr__(self):
         c = self.config
         return (f"GPT(n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, vocab_size={c.vocab_size}, "

@@ -1,0 +1,266 @@
+"""The training loop: AdamW, warmup + cosine schedule, gradient clipping, validation, checkpoints, resume.
+
+    result = ml.train.fit(model, corpus.train, corpus.val, ml.train.TrainConfig(steps=2000, out_dir="runs/a"))
+
+A checkpoint is ONE safetensors file (model weights, AdamW moments) whose header carries the JSON metadata
+(model config, step, optimizer step count, random-generator states, loss history), written atomically, so a
+crash can never leave half a checkpoint; a JSON copy of the metadata sits beside it for people to read.
+Resuming from it reproduces the losses of an uninterrupted run exactly. A non-finite loss or gradient stops
+training with a FloatingPointError before anything is written, so the last good checkpoint stays intact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy
+
+from . import backend
+from .data import get_batch, sequential_batches
+from .files import load_safetensors, save_safetensors, write_json
+from .model import GPT, GPTConfig, cross_entropy
+from .optim import AdamW, clip_grad_norm, cosine_schedule
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+
+
+@dataclass
+class TrainConfig:
+    """How to train. lr is the peak learning rate; min_lr the floor the cosine decays to."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    block_size: int | None = None      # window length; None = the model's block_size
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0              # global-norm clipping; 0 turns it off
+    eval_every: int = 100               # validate every N steps (and at the end); 0 = never
+    eval_batches: int | None = 8        # batches of the validation text used (None = all of it)
+    checkpoint_every: int = 500         # 0 = only at the end (when out_dir is set)
+    out_dir: str | None = None
+    seed: int = 0
+    quiet: bool = False                 # no progress bar
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 1; got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0; got {getattr(self, name)!r}")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"TrainConfig.warmup_steps ({self.warmup_steps}) exceeds steps ({self.steps})")
+        if not self.lr > 0 or not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
+        if self.grad_clip < 0:
+            raise ValueError(f"TrainConfig.grad_clip must be >= 0; got {self.grad_clip}")
+
+
+@dataclass
+class TrainResult:
+    """Loss history: train is [[step, loss], ...] per step; val is [[step, loss], ...] per validation."""
+
+    train: list = field(default_factory=list)
+    val: list = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    checkpoint: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def evaluate(model: GPT, ids, batch_size: int = 32, block_size: int | None = None, max_batches: int | None = None) -> float:
+    """Mean cross-entropy (nats per token) over non-overlapping windows of ``ids``, in evaluation mode.
+
+    max_batches: use only the first max_batches batches (None: the whole text). Divide by ln 2 for bits per
+    token (= bits per character with the character tokenizer).
+    """
+    block_size = block_size or model.config.block_size
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for idx, targets in sequential_batches(ids, batch_size, block_size, max_batches):
+            loss, _ = cross_entropy(model.forward(idx), targets)
+            total += loss * targets.size
+            count += targets.size
+    finally:
+        model.train(was_training)
+    return total / count
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _rng_state(generator):
+    """A JSON-ready state of a NumPy generator (None for a generator without one, such as CuPy's)."""
+    bit_generator = getattr(generator, "bit_generator", None)
+    state = getattr(bit_generator, "state", None)
+    return state if isinstance(state, dict) else None
+
+
+def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, meta: dict | None = None) -> Path:
+    """Write model weights (and AdamW moments) plus JSON metadata to one safetensors file, atomically.
+
+    Tensors: "model.<param>" and, with an optimizer, "adamw.m.<param>" / "adamw.v.<param>".
+    Also writes ``<path>.json`` with the same metadata for people to read.
+    """
+    path = Path(path)
+    meta = dict(meta or {})
+    meta.update(model_config=model.config.to_dict(), dtype=model.dtype)
+    tensors = {f"model.{name}": p.data for name, p in model.named_parameters()}
+    if optimizer is not None:
+        names = {id(p): name for name, p in model.named_parameters()}
+        for p, m, v in zip(optimizer.params, optimizer.m, optimizer.v):
+            if m is not None:
+                tensors[f"adamw.m.{names[id(p)]}"] = m
+                tensors[f"adamw.v.{names[id(p)]}"] = v
+        meta["adamw_t"] = optimizer.t
+    save_safetensors(tensors, path, metadata={"format": "pt", "minilora": json.dumps(meta)})
+    write_json(path.with_suffix(".json"), meta)
+    return path
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a checkpoint file; a clear ValueError if it is damaged or not a minilora checkpoint."""
+    tensors, header = load_safetensors(path)
+    if "minilora" not in header:
+        raise ValueError(f"{path} is a safetensors file but not a minilora checkpoint (no 'minilora' metadata)")
+    try:
+        meta = json.loads(header["minilora"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: the checkpoint's metadata is not valid JSON: {exc}") from exc
+    return tensors, meta
+
+
+def load_checkpoint(path, dtype=None) -> tuple[GPT, dict]:
+    """(model, metadata) from a checkpoint file; dtype: None keeps the stored one."""
+    tensors, meta = read_checkpoint(path)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: the checkpoint's model_config is missing or invalid: {exc}") from exc
+    model = GPT(config, seed=0, dtype=dtype or meta.get("dtype", "float32"))
+    state = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+    model.load_state_dict(state)
+    return model, meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# the loop
+
+
+def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, resume_from=None,
+        meta: dict | None = None) -> TrainResult:
+    """Train ``model`` in place on the token array ``train_ids``; validate on ``val_ids`` (optional).
+
+    resume_from: a checkpoint written by an earlier run with the same model and config; training continues
+    from its step and reproduces that run's losses exactly. meta: extra metadata for checkpoints (e.g. the
+    corpus name). Returns the loss history.
+    """
+    config = config or TrainConfig()
+    block_size = config.block_size or model.config.block_size
+    if block_size > model.config.block_size:
+        raise ValueError(f"TrainConfig.block_size {block_size} exceeds the model's block_size {model.config.block_size}")
+    params = model.parameters(trainable_only=True)
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optimizer = AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+    batch_rng = numpy.random.default_rng(config.seed)
+    result = TrainResult()
+    start = 0
+    if resume_from is not None:
+        start = _resume(resume_from, model, optimizer, batch_rng, result, config)
+    out_dir = Path(config.out_dir) if config.out_dir else None
+    run_meta = dict(meta or {}, train_config=asdict(config))
+
+    def checkpoint(step):
+        state = dict(run_meta, step=step, history={"train": result.train, "val": result.val},
+                     batch_rng=_rng_state(batch_rng), dropout_rng=_rng_state(model._dropout_rng))
+        result.checkpoint = str(save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, state))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, disable=config.quiet, desc="train", unit="step")
+    model.train()
+    tokens = config.batch_size * block_size
+    t0 = time.perf_counter()
+    try:
+        for step in range(start, config.steps):
+            optimizer.lr = cosine_schedule(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
+            idx, targets = get_batch(train_ids, config.batch_size, block_size, batch_rng)
+            loss, dlogits = cross_entropy(model.forward(idx), targets)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"the loss became {loss} at step {step + 1}: training stopped; "
+                                         f"the last checkpoint ({result.checkpoint or 'none written'}) is untouched")
+            model.backward(dlogits)
+            if config.grad_clip:
+                norm = clip_grad_norm(params, config.grad_clip)
+            else:
+                norm = math.sqrt(sum(float((p.grad * p.grad).sum()) for p in params if p.grad is not None))
+            if not math.isfinite(norm):
+                raise FloatingPointError(f"the gradient norm became {norm} at step {step + 1}: training stopped; "
+                                         f"the last checkpoint ({result.checkpoint or 'none written'}) is untouched")
+            optimizer.step()
+            model.zero_grad()
+            done = step + 1
+            result.train.append([done, loss])
+            postfix = {"loss": f"{loss:.3f}"}
+            if val_ids is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                val = evaluate(model, val_ids, config.batch_size, block_size, config.eval_batches)
+                result.val.append([done, val])
+                postfix["val"] = f"{val:.3f}"
+            if out_dir is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0)
+                                        or done == config.steps):
+                checkpoint(done)
+            elapsed = time.perf_counter() - t0
+            postfix["tok/s"] = f"{tokens * (done - start) / elapsed:.0f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    result.steps = config.steps
+    result.seconds = time.perf_counter() - t0
+    result.tokens_per_second = tokens * (config.steps - start) / max(result.seconds, 1e-9)
+    return result
+
+
+def _resume(path, model, optimizer, batch_rng, result, config) -> int:
+    """Restore weights, AdamW moments, generator states and history from a checkpoint; return its step."""
+    tensors, meta = read_checkpoint(path)
+    if meta.get("model_config") != model.config.to_dict():
+        raise ValueError(f"{path} was written for model config {meta.get('model_config')}; this model is "
+                         f"{model.config.to_dict()}")
+    saved = meta.get("train_config", {})
+    for key in ("steps", "batch_size", "block_size", "lr", "min_lr", "warmup_steps", "seed"):
+        if key in saved and saved[key] != getattr(config, key):
+            raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]!r}, "
+                             f"this run has {key}={getattr(config, key)!r} (the losses would differ)")
+    model.load_state_dict({n[len("model."):]: t for n, t in tensors.items() if n.startswith("model.")})
+    names = {id(p): name for name, p in model.named_parameters()}
+    for i, p in enumerate(optimizer.params):
+        key = names[id(p)]
+        if f"adamw.m.{key}" in tensors:
+            optimizer.m[i] = backend.asarray(tensors[f"adamw.m.{key}"])
+            optimizer.v[i] = backend.asarray(tensors[f"adamw.v.{key}"])
+    optimizer.t = int(meta.get("adamw_t", 0))
+    if meta.get("batch_rng"):
+        batch_rng.bit_generator.state = meta["batch_rng"]
+    if meta.get("dropout_rng") and _rng_state(model._dropout_rng) is not None:
+        model._dropout_rng.bit_generator.state = meta["dropout_rng"]
+    history = meta.get("history", {})
+    result.train = [list(x) for x in history.get("train", [])]
+    result.val = [list(x) for x in history.get("val", [])]
+    result.checkpoint = str(path)
+    return int(meta["step"])
