@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from . import backend
@@ -85,12 +86,12 @@ def _pretrain(args) -> int:
     return 0
 
 
-def _load_model(checkpoint):
+def _load_model(checkpoint, dropout=None):
     from .pretrained import load_pretrained
     from .train import load_checkpoint
 
     if checkpoint is None:
-        return load_pretrained(), "the shipped pretrained tiny GPT"
+        return load_pretrained(dropout=dropout), "the shipped pretrained tiny GPT"
     return load_checkpoint(checkpoint)[0], checkpoint
 
 
@@ -118,6 +119,38 @@ def _eval(args) -> int:
     loss = train.evaluate(model, ids, batch_size=args.batch_size, max_batches=args.max_batches)
     print(f"{source} on {corpus.name} ({args.split}, {len(ids):,} characters): "
           f"loss {loss:.4f} nats/char, {loss / math.log(2):.4f} bits/char")
+    return 0
+
+
+def _finetune(args) -> int:
+    from . import data, train
+    from .finetune import finetune
+    from .lora import LoRAConfig
+    from .pretrained import load_pretrained
+
+    model, source = _load_model(args.checkpoint, dropout=args.dropout)
+    corpus = data.load_corpus(args.corpus)
+    lr = args.lr if args.lr is not None else (1e-2 if args.method == "lora" else 1e-3)
+    tc = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
+                           warmup_steps=min(20, args.steps), weight_decay=0.0 if args.method == "lora" else 0.1,
+                           eval_every=args.eval_every, checkpoint_every=0, seed=args.seed, quiet=args.quiet)
+    lora = LoRAConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
+                      targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, use_rslora=args.rslora,
+                      init=args.init) if args.method == "lora" else None
+    print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({lora})" if lora else ""))
+    run = finetune(model, args.method, corpus, tc, lora, out_dir=args.out, seed=args.seed)
+    bits = 1 / math.log(2)
+    print(f"trainable {run.trainable:,} of {run.total:,} ({run.percent:.3f}%); validation "
+          f"{run.val_before * bits:.4f} -> {run.val_after * bits:.4f} bits/char; step {1e3 * run.step_seconds:.1f} ms; "
+          f"saved {run.saved_bytes / 1024:.1f} KB to {args.out}")
+    return 0
+
+
+def _tour(args) -> int:
+    from .tour import TourConfig, run_tour
+
+    config = TourConfig.quick(out_dir=args.out) if args.quick else TourConfig(out_dir=args.out, steps=args.steps)
+    run_tour(config)
     return 0
 
 
@@ -187,6 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     e.set_defaults(func=_eval)
+
+    f = sub.add_parser("finetune", help="fine-tune the pretrained GPT with full fine-tuning or LoRA",
+                       description="Fine-tune a checkpoint (default: the shipped model) on a corpus; saves the "
+                                   "adapter (LoRA) or the weights (full) to --out.")
+    f.add_argument("--method", choices=("full", "lora"), default="lora")
+    f.add_argument("--checkpoint", help="start from this checkpoint (default: the shipped model)")
+    f.add_argument("--corpus", default="python-email")
+    f.add_argument("--out", default="runs/finetune")
+    f.add_argument("--steps", type=int, default=300)
+    f.add_argument("--batch-size", type=int, default=16)
+    f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 1e-2 LoRA, 1e-3 full)")
+    f.add_argument("--r", type=int, default=4, help="LoRA rank")
+    f.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 r)")
+    f.add_argument("--targets", default="q_proj,v_proj", help="comma-separated module names, or all-linear")
+    f.add_argument("--lora-dropout", type=float, default=0.0)
+    f.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(r)")
+    f.add_argument("--init", choices=("default", "gaussian", "pissa"), default="default")
+    f.add_argument("--dropout", type=float, default=0.0, help="the model's own dropout while fine-tuning")
+    f.add_argument("--eval-every", type=int, default=50)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_finetune)
+
+    t = sub.add_parser("tour", help="the main job: full fine-tuning vs LoRA r=1,4,16 from the shipped model",
+                       description="Fine-tune the shipped pretrained GPT on Python code with full fine-tuning and "
+                                   "LoRA (r = 1, 4, 16 on Wq, Wv); print and save a comparison table and a plot.")
+    t.add_argument("--out", default="runs/tour")
+    t.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method")
+    t.add_argument("--quick", action="store_true", help="a few steps per method (a smoke test, under a minute)")
+    t.set_defaults(func=_tour)
     return parser
 
 

@@ -16,7 +16,7 @@ import numpy
 from . import backend
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -44,7 +44,7 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
         if not backend.is_array(value):
             raise TypeError(f"tensor {name!r} must be an array; got {type(value).__name__}")
         host[name] = numpy.ascontiguousarray(backend.to_numpy(value))
-    _atomic_write_bytes(Path(path), save(host, metadata=metadata))
+    write_bytes_atomic(Path(path), save(host, metadata=metadata))
 
 
 def load_safetensors(path) -> tuple[dict, dict]:
@@ -66,7 +66,7 @@ def load_safetensors(path) -> tuple[dict, dict]:
 
 def write_json(path, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
-    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(Path(path), (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def read_json(path) -> dict:

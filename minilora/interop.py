@@ -14,6 +14,7 @@ fuses the query, key and value projections into one ``c_attn`` of shape (C, 3C) 
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy
@@ -152,4 +153,158 @@ def load_hf_gpt2(path, dtype="float32", dropout: float = 0.0) -> GPT:
     state = from_hf_state_dict(_read_hf_tensors(path), config.n_layer, config.n_embd)
     model = GPT(config, seed=0, dtype=dtype)
     model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's format (adapter_model.safetensors + adapter_config.json)
+#
+# PEFT wraps HF modules: q, k and v share GPT-2's fused c_attn (C -> 3C). minilora's separate adapters on
+# q and v become ONE c_attn adapter of rank r_q + r_v with block structure:
+#     A' = [A_q; A_v]                (r_q + r_v, C)
+#     B' = [[B_q, 0], [0, 0], [0, B_v]]   (3C, r_q + r_v): rows [q | k | v], columns [q's | v's]
+# so that B' A' = [B_q A_q; 0; B_v A_v], exactly the two updates side by side. Loading splits it back,
+# keeping for each of q, k, v only the columns that are non-zero in its row block.
+
+_PEFT_PREFIX = "base_model.model."
+_HF_LORA_NAMES = {"attn.o_proj": "attn.c_proj", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+
+
+def _hf_module_name(name: str) -> tuple[str, str | None]:
+    """minilora module name -> (HF GPT-2 module name, which third of c_attn or None)."""
+    block, rest = name.split(".attn.", 1) if ".attn." in name else (None, None)
+    if rest in ("q_proj", "k_proj", "v_proj"):
+        return f"transformer.{block}.attn.c_attn", rest
+    for ours, theirs in _HF_LORA_NAMES.items():
+        if name.endswith("." + ours):
+            return f"transformer.{name[:-len(ours)]}{theirs}", None
+    raise ValueError(f"{name!r} has no GPT-2 counterpart for a PEFT adapter")
+
+
+def save_peft_adapter(model: GPT, path) -> Path:
+    """Write the model's LoRA adapters as a PEFT adapter for the GPT-2 written by ``save_hf_gpt2(model, ...)``.
+
+    ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(hf_dir), path)`` then gives the same logits.
+    """
+    from .lora import lora_modules
+
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to export")
+    if any(m.merged for _, m in layers):
+        raise ValueError("the adapters are merged into the weights: unmerge_lora(model) before exporting them")
+    config = getattr(model, "lora_config", None)
+    if config is not None and config.bias != "none":
+        raise ValueError(f"bias={config.bias!r} adapters are not exported to PEFT; use bias='none'")
+    groups = {}   # HF module -> list of (third or None, LoRALinear)
+    for name, m in layers:
+        hf_name, third = _hf_module_name(name)
+        groups.setdefault(hf_name, []).append((third, m))
+    C = model.config.n_embd
+    tensors, ranks, alphas, dropout = {}, {}, {}, 0.0
+    for hf_name, parts in groups.items():
+        scale = parts[0][1].scale
+        A_parts = [backend.to_numpy(m.lora_A.data) for _, m in parts]
+        rank = sum(a.shape[0] for a in A_parts)
+        if parts[0][0] is None:                      # an ordinary (unfused) module
+            B = backend.to_numpy(parts[0][1].lora_B.data)
+        else:                                        # c_attn: block structure over [q | k | v]
+            B = numpy.zeros((3 * C, rank), dtype=A_parts[0].dtype)
+            col = 0
+            for third, m in parts:
+                row = ("q_proj", "k_proj", "v_proj").index(third) * C
+                r = m.r
+                B[row:row + C, col:col + r] = backend.to_numpy(m.lora_B.data) * (m.scale / scale)
+                col += r
+        tensors[f"{_PEFT_PREFIX}{hf_name}.lora_A.weight"] = numpy.concatenate(A_parts, axis=0)
+        tensors[f"{_PEFT_PREFIX}{hf_name}.lora_B.weight"] = B
+        ranks[hf_name], alphas[hf_name] = rank, scale * rank      # PEFT: scaling = lora_alpha / r
+        dropout = max(dropout, max(m.dropout for _, m in parts))
+    first = next(iter(ranks))
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": ranks[first], "lora_alpha": alphas[first], "rank_pattern": ranks, "alpha_pattern": alphas,
+        "target_modules": sorted(ranks), "lora_dropout": dropout, "fan_in_fan_out": True, "bias": "none",
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "inference_mode": True,
+    }
+    path = Path(path)
+    save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_json(path / "adapter_config.json", adapter_config)
+    return path
+
+
+def _pattern_value(pattern: dict, module_name: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name that ends with it."""
+    import re
+
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def load_peft_adapter(model: GPT, path) -> GPT:
+    """Apply a PEFT LoRA adapter saved for a GPT-2 model to a minilora GPT without adapters (in place)."""
+    from .lora import LoRAConfig, LoRALinear, lora_modules
+
+    path = Path(path)
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters; load a PEFT adapter into a base model")
+    config = read_json(path / "adapter_config.json")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{path} holds a {config.get('peft_type')} adapter; only LORA is supported")
+    for key, ok in (("use_dora", False), ("bias", "none")):
+        if config.get(key, ok) != ok:
+            raise ValueError(f"{path}: {key}={config.get(key)!r} is not supported (expected {ok!r})")
+    tensors, _ = load_safetensors(path / "adapter_model.safetensors")
+    C = model.config.n_embd
+    modules = dict(model.named_modules())
+    plan = []   # (our module name, A, B, scale)
+    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
+        hf_name = key[len(_PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(_PEFT_PREFIX) else key[:-len(".lora_A.weight")]
+        A, B = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
+        if B is None:
+            raise ValueError(f"{path}: {key} has no matching lora_B")
+        r = A.shape[0]
+        alpha = _pattern_value(config.get("alpha_pattern"), hf_name, config.get("lora_alpha", 8))
+        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+        short = hf_name[len("transformer."):] if hf_name.startswith("transformer.") else hf_name
+        if short.endswith(".attn.c_attn"):
+            block = short[:-len(".attn.c_attn")]
+            if B.shape != (3 * C, r):
+                raise ValueError(f"{path}: {key} pairs with lora_B of shape {B.shape}; c_attn needs {(3 * C, r)}")
+            for j, third in enumerate(("q_proj", "k_proj", "v_proj")):
+                rows = B[j * C:(j + 1) * C]
+                cols = numpy.flatnonzero(numpy.abs(rows).sum(axis=0))
+                if cols.size:
+                    plan.append((f"{block}.attn.{third}", A[cols], rows[:, cols], scale))
+        else:
+            ours = next((short[:-len(theirs)] + o for o, theirs in _HF_LORA_NAMES.items() if short.endswith(theirs)), None)
+            if ours is None:
+                raise ValueError(f"{path}: no minilora module corresponds to {hf_name!r}")
+            plan.append((ours, A, B, scale))
+    if not plan:
+        raise ValueError(f"{path}: the adapter holds no lora_A/lora_B tensors")
+    for name, A, B, _ in plan:
+        if name not in modules:
+            raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have")
+        W = modules[name].weight
+        if A.shape[1] != W.shape[0] or B.shape[0] != W.shape[1]:
+            raise ValueError(f"{path}: the adapter for {name} has A {A.shape}, B {B.shape}; W is {tuple(W.shape)}")
+    for p in model.parameters():
+        p.trainable = False
+    dropout_rng = backend.rng(1)
+    for name, A, B, scale in plan:
+        parent_name, attr = name.rsplit(".", 1)
+        base = modules[name]
+        r = A.shape[0]
+        wrapped = LoRALinear(base, r, scale * r, config.get("lora_dropout", 0.0), dropout_rng=dropout_rng)
+        wrapped.lora_A.data[...] = backend.asarray(A, dtype=base.weight.data.dtype)
+        wrapped.lora_B.data[...] = backend.asarray(B, dtype=base.weight.data.dtype)
+        wrapped.training = base.training
+        setattr(modules[parent_name], attr, wrapped)
+    ranks = sorted({A.shape[0] for _, A, _, _ in plan})
+    model.lora_config = LoRAConfig(r=ranks[-1], alpha=plan[0][3] * ranks[-1], targets=tuple(n for n, *_ in plan),
+                                   dropout=config.get("lora_dropout", 0.0))
     return model

@@ -1,0 +1,423 @@
+"""LoRA (Hu et al. 2021): adapt a frozen linear layer W with a trainable low-rank update.
+
+    y = x W + b + s * (dropout(x) A^T) B^T        W: (in, out) frozen;  A: (r, in), B: (out, r) trainable
+
+s = alpha / r (or alpha / sqrt(r) with rsLoRA). B starts at zero, so the adapted model starts exactly at the
+pretrained one; only r (in + out) numbers per layer are trained instead of in * out, and W's own gradient,
+the largest matrix product of a linear layer's backward, is never computed. Merging folds s * (B A)^T into W,
+after which inference costs exactly what the base model costs.
+
+The layout of A and B is PEFT's and loralib's, so adapters move to and from Hugging Face PEFT unchanged
+(see ``interop.save_peft_adapter``).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy
+
+from . import backend
+from . import functional as F
+from .files import load_safetensors, read_json, save_safetensors, write_json
+from .nn import Linear, Module, Parameter
+
+INITS = ("default", "gaussian", "pissa")
+BIAS_MODES = ("none", "all", "lora_only")
+ADAPTER_WEIGHTS = "adapter.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# ----------------------------------------------------------------------------------------------------
+# the math: a forward/backward pair
+
+
+def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
+    """y = x W + b + scale * (dropout(x) A^T) B^T.
+
+    x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r).
+    Returns y: (..., out) and the cache.
+    """
+    y, base_cache = F.linear_forward(x, W, b)                 # (..., out) the frozen path
+    xd, drop_cache = F.dropout_forward(x, dropout_p, rng)     # dropout acts on the adapter's input only
+    h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r) down-projection
+    y2 = y.reshape(-1, y.shape[-1])
+    y2 += scale * (h @ B.T)                                   # (N, out) up-projection, scaled
+    return y, (base_cache, xd, drop_cache, h, A, B, scale)
+
+
+def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
+    """Gradients of lora_forward. dy: (..., out).
+
+    Returns dx: (..., in), dA: (r, in), dB: (out, r), dW (None unless weight_grad), db (None unless bias_grad).
+    """
+    base_cache, xd, drop_cache, h, A, B, scale = cache
+    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)  # fwd: y = x W + b
+    dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
+    dB = (dy2.T @ h) * scale                                  # fwd: y += scale * h B^T
+    dh = (dy2 @ B) * scale                                    # fwd: y += scale * h B^T      (N, r)
+    xd2 = xd.reshape(-1, xd.shape[-1])
+    dA = dh.T @ xd2                                           # fwd: h = xd A^T
+    dxd = (dh @ A).reshape(dx.shape)                          # fwd: h = xd A^T
+    dx += F.dropout_backward(dxd, drop_cache)                 # fwd: xd = dropout(x)
+    return dx, dA, dB, dW, db
+
+
+# ----------------------------------------------------------------------------------------------------
+# the module
+
+
+class LoRALinear(Linear):
+    """A Linear whose weight and bias stay frozen, plus the trainable pair lora_A (r, in), lora_B (out, r).
+
+    It keeps the wrapped layer's own Parameters under the same names (weight, bias), so the base model's
+    state_dict names do not change; the adapter adds "<name>.lora_A" and "<name>.lora_B".
+    """
+
+    def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "default", rng=None, dropout_rng=None):
+        in_features, out_features = base.weight.shape
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.trainable = False
+        self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.dropout = float(dropout)
+        self._dropout_rng = dropout_rng
+        self.merged = False
+        self.disabled = False
+        dtype = self.weight.data.dtype
+        rng = rng if rng is not None else numpy.random.default_rng(0)
+        if init == "default":       # loralib / PEFT: kaiming-uniform A (bound 1/sqrt(in)), B = 0
+            bound = 1.0 / math.sqrt(in_features)
+            A = rng.uniform(-bound, bound, size=(r, in_features))
+            B = numpy.zeros((out_features, r))
+        elif init == "gaussian":    # PEFT's init_lora_weights="gaussian": A ~ N(0, 1/r^2), B = 0
+            A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+            B = numpy.zeros((out_features, r))
+        elif init == "pissa":       # PiSSA: the top-r singular directions of W move into A and B
+            A, B = self._pissa_init(r)
+        else:
+            raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
+        self.lora_A = Parameter(backend.asarray(A.astype(dtype)))
+        self.lora_B = Parameter(backend.asarray(B.astype(dtype)))
+        self.init = init
+
+    def _pissa_init(self, r):
+        """A, B from the top-r SVD of W (in PEFT's (out, in) layout), and W replaced by the residual.
+
+        W^T = U S V^T;  A = sqrt(S_r / s) V_r^T,  B = U_r sqrt(S_r / s);  W <- W - s (B A)^T.
+        """
+        W_out_in = backend.to_numpy(self.weight.data).astype(numpy.float64).T      # (out, in)
+        U, S, Vt = numpy.linalg.svd(W_out_in, full_matrices=False)
+        root = numpy.sqrt(S[:r] / self.scale)
+        A = root[:, None] * Vt[:r]                      # (r, in)
+        B = U[:, :r] * root[None, :]                    # (out, r)
+        residual = W_out_in - self.scale * (B @ A)
+        self.weight.data[...] = backend.asarray(residual.T.astype(self.weight.data.dtype))
+        return A, B
+
+    def delta_weight(self):
+        """The update the adapter adds to W, in W's (in, out) layout: scale * (B A)^T = scale * A^T B^T."""
+        return (self.lora_A.data.T @ self.lora_B.data.T) * self.scale
+
+    def forward(self, x):
+        """x: (..., in) -> (..., out)."""
+        if self.merged or self.disabled:          # merged: W already holds the update; disabled: base output
+            return super().forward(x)
+        p = self.dropout if self.training else 0.0
+        y, self._cache = lora_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                                      self.lora_A.data, self.lora_B.data, self.scale, p, self._dropout_rng)
+        return y
+
+    def backward(self, dy):
+        if self.merged:
+            raise RuntimeError("cannot backpropagate through a merged LoRA layer: unmerge_lora(model) before training")
+        if self.disabled:
+            return super().backward(dy)
+        dx, dA, dB, dW, db = lora_backward(dy, self._pop_cache(), weight_grad=self.weight.trainable,
+                                           bias_grad=self.bias is not None and self.bias.trainable)
+        self.lora_A.accumulate_grad(dA)
+        self.lora_B.accumulate_grad(dB)
+        if dW is not None:
+            self.weight.accumulate_grad(dW)
+        if db is not None:
+            self.bias.accumulate_grad(db)
+        return dx
+
+
+# ----------------------------------------------------------------------------------------------------
+# applying LoRA to a model
+
+
+@dataclass
+class LoRAConfig:
+    """Which linear layers get adapters and how.
+
+    r: rank; alpha: scale numerator (s = alpha / r, or alpha / sqrt(r) with use_rslora); targets: module-name
+    suffixes as PEFT's target_modules (a name matches if it equals a target or ends with "." + target), or
+    "all-linear"; dropout: on the adapter's input; init: "default", "gaussian" or "pissa"; bias: which biases
+    train, as loralib ("none", "all", "lora_only").
+    """
+
+    r: int = 8
+    alpha: float = 8.0
+    targets: tuple = ("q_proj", "v_proj")
+    dropout: float = 0.0
+    use_rslora: bool = False
+    init: str = "default"
+    bias: str = "none"
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, (int, numpy.integer)) or self.r < 1:
+            raise ValueError(f"LoRAConfig.r must be an int >= 1; got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not self.alpha > 0:
+            raise ValueError(f"LoRAConfig.alpha must be a number > 0; got {self.alpha!r}")
+        if isinstance(self.targets, str):
+            self.targets = (self.targets,)
+        self.targets = tuple(self.targets)
+        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoRAConfig.targets must be non-empty module-name suffixes; got {self.targets!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRAConfig.dropout must be in [0, 1); got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ValueError(f"LoRAConfig.init must be one of {INITS}; got {self.init!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}; got {self.bias!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["targets"] = list(self.targets)
+        return d
+
+
+def _matches(name: str, targets) -> bool:
+    return any(t == "all-linear" or name == t or name.endswith("." + t) for t in targets)
+
+
+def _linear_modules(model):
+    """(name, parent, attribute, module) of every Linear in the model."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for attr, child in parent._named_children():
+            if isinstance(child, Linear):
+                found.append((f"{parent_name}.{attr}" if parent_name else attr, parent, attr, child))
+    return found
+
+
+def lora_modules(model):
+    """[(name, LoRALinear)] of a model, in order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -> Module:
+    """Freeze the model and wrap every target Linear in a LoRALinear (in place); returns the model.
+
+    Validates everything (targets found, rank within each layer's size, LoRA not already applied) before
+    changing anything.
+    """
+    config = config or LoRAConfig()
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig; got {type(config).__name__}")
+    if lora_modules(model):
+        raise ValueError("the model already has LoRA adapters: apply_lora twice would stack them; "
+                         "start from a fresh model (or unload the adapters) first")
+    linears = _linear_modules(model)
+    chosen = [entry for entry in linears if _matches(entry[0], config.targets)]
+    if not chosen:
+        raise ValueError(f"no Linear module matches targets {list(config.targets)}; available: "
+                         f"{sorted({name.split('.')[-1] for name, *_ in linears})} (full names like {linears[0][0]!r})")
+    for name, _, _, lin in chosen:
+        limit = min(lin.weight.shape)
+        if config.r > limit:
+            raise ValueError(f"LoRA rank r={config.r} exceeds min(in, out) = {limit} of {name} {tuple(lin.weight.shape)}")
+    for p in model.parameters():
+        p.trainable = False
+    rng = numpy.random.default_rng(seed)
+    dropout_rng = backend.rng(seed + 1)
+    for name, parent, attr, lin in chosen:
+        wrapped = LoRALinear(lin, config.r, config.alpha, config.dropout, config.use_rslora, config.init, rng,
+                             dropout_rng)
+        wrapped.training = lin.training
+        setattr(parent, attr, wrapped)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith(".bias") and not _is_layernorm_param(model, name):
+                p.trainable = True
+    elif config.bias == "lora_only":
+        for _, m in lora_modules(model):
+            if m.bias is not None:
+                m.bias.trainable = True
+    model.lora_config = config
+    return model
+
+
+def _is_layernorm_param(model, name):
+    from .nn import LayerNorm
+
+    modules = dict(model.named_modules())
+    return isinstance(modules.get(name.rsplit(".", 1)[0]), LayerNorm)
+
+
+def parameter_report(model: Module) -> dict:
+    """Trainable versus total parameters: {"trainable", "total", "percent"}."""
+    total = model.num_parameters()
+    trainable = model.num_parameters(trainable_only=True)
+    return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / total}
+
+
+def format_report(model: Module) -> str:
+    r = parameter_report(model)
+    return f"trainable params: {r['trainable']:,} || all params: {r['total']:,} || trainable%: {r['percent']:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# merge, unmerge, disable
+
+
+def merge_lora(model: Module) -> None:
+    """Fold every adapter into its weight: W <- W + s (B A)^T. Refused (nothing changes) if any layer is
+    already merged or any merged weight would be non-finite."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to merge")
+    if any(m.merged for _, m in layers):
+        raise ValueError("the LoRA adapters are already merged; merging twice would add the update twice")
+    merged = []
+    for name, m in layers:
+        with numpy.errstate(over="ignore", invalid="ignore"):   # non-finite results are reported below
+            new = m.weight.data + m.delta_weight()
+        if not bool(backend.get_array_module(new).isfinite(new).all()):
+            raise ValueError(f"merging {name} would give non-finite weights; nothing was merged")
+        merged.append(new)
+    for (_, m), new in zip(layers, merged):
+        m._weight_before_merge = m.weight.data.copy()
+        m.weight.data[...] = new
+        m.merged = True
+
+
+def unmerge_lora(model: Module) -> None:
+    """Take the adapters back out of the weights, restoring W exactly.
+
+    W - s (B A)^T would give W back only up to rounding (float32: ~1e-7 relative per merge), so the merge
+    keeps the weight it replaced and unmerging puts it back bit for bit (one extra copy of each adapted W
+    while merged).
+    """
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters to unmerge")
+    if not all(m.merged for _, m in layers):
+        raise ValueError("the LoRA adapters are not merged; there is nothing to unmerge")
+    for _, m in layers:
+        m.weight.data[...] = m.__dict__.pop("_weight_before_merge")
+        m.merged = False
+
+
+@contextlib.contextmanager
+def disable_lora(model: Module):
+    """``with disable_lora(model):`` the model computes the base model's output; the adapters stay in place."""
+    layers = lora_modules(model)
+    if any(m.merged for _, m in layers):
+        raise ValueError("cannot disable merged adapters: unmerge_lora(model) first")
+    previous = [m.disabled for _, m in layers]
+    for _, m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for (_, m), flag in zip(layers, previous):
+            m.disabled = flag
+
+
+# ----------------------------------------------------------------------------------------------------
+# adapter files
+
+
+def adapter_state(model: Module) -> dict:
+    """{name: array} of what an adapter file holds: every lora_A / lora_B, and the biases that train."""
+    layers = lora_modules(model)
+    if not layers:
+        raise ValueError("the model has no LoRA adapters")
+    state = {}
+    for name, m in layers:
+        A, B = m.lora_A.data, m.lora_B.data
+        if m.init == "pissa":
+            raise ValueError("a PiSSA adapter changes the base weights; save the whole model "
+                             "(interop.save_hf_gpt2) or export it with interop.save_peft_adapter")
+        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = A, B
+    config = getattr(model, "lora_config", None)
+    if config is not None and config.bias != "none":
+        for name, p in model.named_parameters(trainable_only=True):
+            if name.endswith(".bias"):
+                state[name] = p.data
+    return state
+
+
+def save_lora(model: Module, directory) -> Path:
+    """Write the adapter only: ``adapter.safetensors`` + ``adapter_config.json`` (kilobytes, not megabytes)."""
+    directory = Path(directory)
+    state = adapter_state(model)
+    config = getattr(model, "lora_config", LoRAConfig())
+    meta = {"lora_config": config.to_dict(), "modules": [name for name, _ in lora_modules(model)],
+            "ranks": {name: m.r for name, m in lora_modules(model)}}
+    if hasattr(model, "config"):
+        meta["base_model_config"] = model.config.to_dict()
+    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt", "minilora": json.dumps(meta)})
+    write_json(directory / ADAPTER_CONFIG, meta)
+    return directory
+
+
+def load_lora(model: Module, directory, seed: int = 0) -> Module:
+    """Apply the saved adapter to ``model`` (a base model, or one with matching LoRA layers) and load it.
+
+    Checks that it fits (module names, shapes, ranks) before changing anything, and says what does not.
+    """
+    directory = Path(directory)
+    meta = read_json(directory / ADAPTER_CONFIG)
+    tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
+    try:
+        config = LoRAConfig(**{**meta["lora_config"], "targets": tuple(meta["lora_config"]["targets"])})
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{directory / ADAPTER_CONFIG} has no valid lora_config: {exc}") from exc
+    base_config = meta.get("base_model_config")
+    if base_config is not None and hasattr(model, "config") and base_config != model.config.to_dict():
+        raise ValueError(f"the adapter was trained on a model with config {base_config}; this model has "
+                         f"{model.config.to_dict()}")
+    existing = dict(lora_modules(model))
+    if existing:
+        expected = {f"{n}.lora_A": tuple(m.lora_A.shape) for n, m in existing.items()}
+        expected.update({f"{n}.lora_B": tuple(m.lora_B.shape) for n, m in existing.items()})
+    else:
+        linears = {name: lin for name, _, _, lin in _linear_modules(model)}
+        missing = [n for n in meta.get("modules", []) if n not in linears]
+        if missing:
+            raise ValueError(f"the adapter targets modules this model does not have: {missing}")
+        expected = {}
+        for n in meta.get("modules", []):
+            in_f, out_f = linears[n].weight.shape
+            expected[f"{n}.lora_A"] = (config.r, in_f)
+            expected[f"{n}.lora_B"] = (out_f, config.r)
+    problems = []
+    for key, shape in expected.items():
+        if key not in tensors:
+            problems.append(f"missing {key}")
+        elif tuple(tensors[key].shape) != shape:
+            problems.append(f"{key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
+    model_params = {name for name, _ in model.named_parameters()}
+    extra = sorted(k for k in tensors if k not in expected and not (k.endswith(".bias") and k in model_params))
+    if extra:
+        problems.append(f"unexpected tensors {extra}")
+    if problems:
+        raise ValueError(f"the adapter in {directory} does not fit this model: " + "; ".join(problems))
+    if not existing:
+        apply_lora(model, config, seed=seed)
+    params = dict(model.named_parameters())
+    for key, value in tensors.items():
+        params[key].data[...] = backend.asarray(value, dtype=params[key].data.dtype)
+    return model

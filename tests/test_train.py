@@ -1,0 +1,177 @@
+"""The training loop: it learns, resumes exactly, stops on non-finite losses; checkpoints; generation."""
+import math
+
+import numpy as np
+import pytest
+
+import minilora as ml
+from minilora import data, tokenizer, train
+
+TINY = dict(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def toy_ids():
+    return tokenizer.encode(data.toy_text("reverse", 400, seed=0))
+
+
+def _config(tmp_path, **overrides):
+    base = dict(steps=12, batch_size=4, warmup_steps=2, eval_every=4, eval_batches=2, checkpoint_every=4,
+                out_dir=str(tmp_path), quiet=True, seed=3)
+    return train.TrainConfig(**{**base, **overrides})
+
+
+def test_fit_lowers_the_loss(toy_ids, tmp_path):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    result = train.fit(model, toy_ids, toy_ids, _config(tmp_path, steps=150, lr=1e-2, min_lr=1e-3, eval_every=50))
+    first = np.mean([loss for _, loss in result.train[:10]])
+    last = np.mean([loss for _, loss in result.train[-10:]])
+    assert last < first - 1.0      # from ~ln(96) = 4.6 at random init towards the task's structure
+    assert [step for step, _ in result.val] == [50, 100, 150]
+    assert result.val[-1][1] < result.val[0][1]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_resume_reproduces_an_uninterrupted_run_exactly(toy_ids, tmp_path, dropout):
+    cfg = ml.GPTConfig(**TINY, dropout=dropout)
+    full_model = ml.GPT(cfg, seed=0)
+    full = train.fit(full_model, toy_ids, toy_ids, _config(tmp_path / "full"))
+
+    # the same run, interrupted after its checkpoint at step 8
+    part_cfg = _config(tmp_path / "part")
+    stopped = ml.GPT(cfg, seed=0)
+    calls = {"n": 0}
+    real_save = train.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    train.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.fit(stopped, toy_ids, toy_ids, part_cfg)
+    finally:
+        train.save_checkpoint = real_save
+    resumed_model = ml.GPT(cfg, seed=99)      # different init: everything must come from the checkpoint
+    resumed = train.fit(resumed_model, toy_ids, toy_ids, part_cfg,
+                        resume_from=tmp_path / "part" / train.CHECKPOINT_NAME)
+    assert resumed.train == full.train         # exact, not approximate
+    assert resumed.val == full.val
+    for (name, a), (_, b) in zip(full_model.named_parameters(), resumed_model.named_parameters()):
+        assert np.array_equal(a.data, b.data), name
+
+
+def test_resume_with_a_different_config_is_refused(toy_ids, tmp_path):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    train.fit(model, toy_ids, None, _config(tmp_path))
+    with pytest.raises(ValueError, match="lr"):
+        train.fit(model, toy_ids, None, _config(tmp_path, lr=1e-2), resume_from=tmp_path / train.CHECKPOINT_NAME)
+    other = ml.GPT(ml.GPTConfig(**{**TINY, "n_embd": 32}), seed=0)
+    with pytest.raises(ValueError, match="model config"):
+        train.fit(other, toy_ids, None, _config(tmp_path), resume_from=tmp_path / train.CHECKPOINT_NAME)
+
+
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(toy_ids, tmp_path, monkeypatch):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    real = train.cross_entropy
+    calls = {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss, dlogits = real(logits, targets)
+        return (float("nan") if calls["n"] == 7 else loss), dlogits
+
+    monkeypatch.setattr(train, "cross_entropy", poisoned)
+    with pytest.raises(FloatingPointError, match="step 7"):
+        train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0))
+    path = tmp_path / train.CHECKPOINT_NAME
+    restored, meta = train.load_checkpoint(path)
+    assert meta["step"] == 4
+    assert all(math.isfinite(loss) for _, loss in meta["history"]["train"])
+    assert len(meta["history"]["train"]) == 4
+
+
+def test_non_finite_gradient_stops_training(toy_ids, tmp_path):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    model.h[0].mlp.fc.weight.data[0, 0] = 1e30      # overflows the backward in float32
+    with pytest.raises(FloatingPointError):
+        train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0))
+    assert not (tmp_path / train.CHECKPOINT_NAME).exists()
+
+
+def test_checkpoint_round_trip_and_damage(tmp_path):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=5)
+    opt = ml.AdamW(model.parameters())
+    path = train.save_checkpoint(tmp_path / "c.safetensors", model, opt, {"step": 3})
+    loaded, meta = train.load_checkpoint(path)
+    assert meta["step"] == 3 and meta["model_config"] == model.config.to_dict()
+    for (_, a), (_, b) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert np.array_equal(a.data, b.data)
+    raw = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        train.load_checkpoint(tmp_path / "cut.safetensors")
+    ml.files.save_safetensors({"x": np.zeros(2)}, tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="not a minilora checkpoint"):
+        train.load_checkpoint(tmp_path / "plain.safetensors")
+
+
+def test_evaluate_is_the_mean_token_loss_and_restores_the_mode(toy_ids):
+    model = ml.GPT(ml.GPTConfig(**TINY, dropout=0.3), seed=0).train()
+    loss = train.evaluate(model, toy_ids, batch_size=8, max_batches=3)
+    assert model.training
+    batches = list(data.sequential_batches(toy_ids, 8, 16, 3))
+    model.eval()
+    expected = [ml.cross_entropy(model.forward(i), t)[0] * t.size for i, t in batches]
+    assert loss == pytest.approx(sum(expected) / sum(t.size for _, t in batches), rel=1e-12)
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="steps"):
+        train.TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train.TrainConfig(steps=5, warmup_steps=10)
+    with pytest.raises(ValueError, match="min_lr"):
+        train.TrainConfig(lr=1e-3, min_lr=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# generation
+
+
+def test_generate_shapes_determinism_and_greedy():
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    prompt = np.array([[5, 6, 7], [8, 9, 10]])
+    a = model.generate(prompt, 30, temperature=1.0, seed=1)
+    assert a.shape == (2, 33) and np.array_equal(a[:, :3], prompt)
+    assert np.array_equal(a, model.generate(prompt, 30, temperature=1.0, seed=1))
+    assert not np.array_equal(a, model.generate(prompt, 30, temperature=1.0, seed=2))
+    greedy = model.generate(prompt, 5, temperature=0)
+    assert np.array_equal(greedy, model.generate(prompt, 5, temperature=0.7, top_k=1, seed=4))
+    logits = model.forward(prompt)
+    assert np.array_equal(greedy[:, 3], logits[:, -1].argmax(axis=1))
+    assert a.max() < 96 and a.min() >= 0           # context longer than block_size (33 > 16) was cropped
+
+
+def test_top_k_only_samples_among_the_k_most_likely():
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    prompt = np.array([[5, 6, 7]] * 64)
+    out = model.generate(prompt, 1, temperature=2.0, top_k=3, seed=0)
+    allowed = set(np.argsort(model.forward(prompt[:1])[0, -1])[-3:].tolist())
+    assert set(out[:, -1].tolist()) <= allowed and len(set(out[:, -1].tolist())) > 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=2, temperature=-1.0), "temperature"),
+    (dict(max_new_tokens=2, top_k=0), "top_k"),
+    (dict(max_new_tokens=2, top_k=97), "top_k"),
+])
+def test_generate_rejects_bad_arguments(kwargs, match):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    with pytest.raises(ValueError, match=match):
+        model.generate(np.array([[1, 2]]), **kwargs)
