@@ -95,12 +95,20 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(toy_ids, t
     assert len(meta["history"]["train"]) == 4
 
 
-def test_non_finite_gradient_stops_training(toy_ids, tmp_path):
+def test_non_finite_gradient_stops_training_before_the_update(toy_ids, tmp_path, monkeypatch):
     model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
-    model.h[0].mlp.fc.weight.data[0, 0] = 1e30      # overflows the backward in float32
-    with pytest.raises(FloatingPointError):
+    real = train.clip_grad_norm
+    calls = {"n": 0}
+
+    def overflowing(params, max_norm):
+        calls["n"] += 1
+        return float("inf") if calls["n"] == 6 else real(params, max_norm)
+
+    monkeypatch.setattr(train, "clip_grad_norm", overflowing)
+    with pytest.raises(FloatingPointError, match="gradient norm became inf at step 6"):
         train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0))
-    assert not (tmp_path / train.CHECKPOINT_NAME).exists()
+    _, meta = train.load_checkpoint(tmp_path / train.CHECKPOINT_NAME)
+    assert meta["step"] == 4
 
 
 def test_checkpoint_round_trip_and_damage(tmp_path):
