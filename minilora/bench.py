@@ -16,6 +16,7 @@ import numpy
 
 from . import backend
 from .model import GPT, GPTConfig, cross_entropy
+from .lora import LoRAConfig, apply_lora, merge_lora
 from .optim import AdamW
 
 
@@ -44,9 +45,11 @@ def _time(fn, steps, warmup):
     return statistics.median(times)
 
 
-def minilora_step(config, B, seed=0):
-    """A closure running one minilora training step on random tokens."""
+def minilora_step(config, B, seed=0, lora=None):
+    """A closure running one minilora training step on random tokens (with LoRA adapters if ``lora``)."""
     model = GPT(config, seed=seed, dtype="float32")
+    if lora is not None:
+        apply_lora(model, lora)
     opt = AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     rng = numpy.random.default_rng(seed)
     idx = backend.asarray(rng.integers(0, config.vocab_size, size=(B, config.block_size)))
@@ -127,6 +130,9 @@ class BenchResult:
     torch_step_s: float | None = None
     torch_tokens_per_s: float | None = None
     ratio: float | None = None          # minilora time / torch time: <= 1.0 means as fast as PyTorch
+    lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv
+    lora_ratio: float | None = None     # LoRA step / full fine-tuning step: goal <= 0.75
+    inference_ms: dict = field(default_factory=dict)   # {"batch 1": {"base":, "lora unmerged":, "lora merged":}, ...}
     breakdown_s: dict = field(default_factory=dict)
     torch_note: str = ""
 
@@ -146,9 +152,27 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
             result.torch_step_s, result.torch_tokens_per_s, result.ratio = theirs, tokens / theirs, ours / theirs
         except ImportError as exc:
             result.torch_note = f"PyTorch reference skipped: {exc} (pip install 'minilora[reference]')"
+    result.lora_step_s = _time(minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8)), steps, warmup)
+    result.lora_ratio = result.lora_step_s / ours
+    result.inference_ms = inference_latency(config)
     if profile:
         result.breakdown_s = breakdown(minilora_step(config, batch_size))
     return result
+
+
+def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20) -> dict:
+    """Median forward time (ms) of the base model and of LoRA r=4 (Wq, Wv) unmerged and merged."""
+    base = GPT(config, seed=0).eval()
+    adapted = apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)).eval()
+    merged = apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)).eval()
+    merge_lora(merged)
+    rng = numpy.random.default_rng(0)
+    out = {}
+    for B in batch_sizes:
+        idx = backend.asarray(rng.integers(0, config.vocab_size, size=(B, config.block_size)))
+        out[f"batch {B}"] = {name: 1e3 * _time(lambda m=m: m.forward(idx), repeats, 2)
+                             for name, m in (("base", base), ("lora unmerged", adapted), ("lora merged", merged))}
+    return out
 
 
 def format_result(r: BenchResult) -> str:
@@ -168,6 +192,14 @@ def format_result(r: BenchResult) -> str:
         lines += ["", f"ratio minilora / PyTorch: {r.ratio:.2f}  (goal <= 1.00)"]
     elif r.torch_note:
         lines += ["", r.torch_note]
+    if r.lora_step_s is not None:
+        lines += [f"LoRA r=4 (Wq, Wv) step: {r.lora_step_s * 1e3:.1f} ms = {r.lora_ratio:.2f} of the full "
+                  f"fine-tuning step (goal <= 0.75)"]
+    for batch, times in r.inference_ms.items():
+        base = times["base"]
+        lines += [f"inference {batch}: base {base:.2f} ms, LoRA unmerged {times['lora unmerged']:.2f} ms "
+                  f"({times['lora unmerged'] / base:.3f}x), merged {times['lora merged']:.2f} ms "
+                  f"({times['lora merged'] / base:.3f}x, goal <= 1.02)"]
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a minilora step's time goes (cProfile, cumulative per function):"]

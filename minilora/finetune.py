@@ -85,7 +85,7 @@ def finetune(model: GPT, method: str, corpus: Corpus, train_config: TrainConfig,
         label=label or method, method=method, trainable=report["trainable"], total=report["total"],
         percent=report["percent"], val_before=val_before, val_after=val_after,
         val_curve=[[0, val_before]] + result.val, optimizer_bytes=optimizer_state_bytes(model),
-        step_seconds=result.seconds / max(1, result.steps),
+        step_seconds=(result.seconds - result.eval_seconds) / max(1, result.steps),
     )
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -70,8 +70,9 @@ class TrainResult:
     train: list = field(default_factory=list)
     val: list = field(default_factory=list)
     steps: int = 0
-    seconds: float = 0.0
-    tokens_per_second: float = 0.0
+    seconds: float = 0.0                # wall time of this call, validation and checkpoints included
+    eval_seconds: float = 0.0           # of which validation
+    tokens_per_second: float = 0.0      # training tokens per second, validation excluded
     checkpoint: str | None = None
 
 
@@ -218,21 +219,23 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
             result.train.append([done, loss])
             postfix = {"loss": f"{loss:.3f}"}
             if val_ids is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+                t_eval = time.perf_counter()
                 val = evaluate(model, val_ids, config.batch_size, block_size, config.eval_batches)
+                result.eval_seconds += time.perf_counter() - t_eval
                 result.val.append([done, val])
                 postfix["val"] = f"{val:.3f}"
             if out_dir is not None and ((config.checkpoint_every and done % config.checkpoint_every == 0)
                                         or done == config.steps):
                 checkpoint(done)
             elapsed = time.perf_counter() - t0
-            postfix["tok/s"] = f"{tokens * (done - start) / elapsed:.0f}"
+            postfix["tok/s"] = f"{tokens * (done - start) / max(elapsed - result.eval_seconds, 1e-9):.0f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
     finally:
         bar.close()
     result.steps = config.steps
     result.seconds = time.perf_counter() - t0
-    result.tokens_per_second = tokens * (config.steps - start) / max(result.seconds, 1e-9)
+    result.tokens_per_second = tokens * (config.steps - start) / max(result.seconds - result.eval_seconds, 1e-9)
     return result
 
 

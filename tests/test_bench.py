@@ -1,0 +1,32 @@
+"""The benchmark runs and reports ratios (speed goals live in its output, not in timed tests)."""
+import importlib.util
+
+import minilora as ml
+from minilora import bench, cli
+
+
+def test_bench_reports_every_figure():
+    config = ml.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    with_torch = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+    result = bench.run(config, batch_size=2, steps=2, warmup=1, with_torch=with_torch, profile=True)
+    assert result.minilora_step_s > 0 and result.minilora_gflops > 0
+    assert result.lora_step_s > 0 and result.lora_ratio == result.lora_step_s / result.minilora_step_s
+    assert set(result.inference_ms) == {"batch 1", "batch 32"}
+    assert "linear_forward" in result.breakdown_s and "AdamW.step" in result.breakdown_s
+    if with_torch:
+        assert result.ratio == result.minilora_step_s / result.torch_step_s
+    text = bench.format_result(result)
+    assert "LoRA r=4" in text and "inference batch 1" in text
+
+
+def test_step_flops_counts_matrix_products():
+    c = ml.GPTConfig(vocab_size=10, n_layer=1, n_embd=4, block_size=3)
+    forward = 2 * 2 * 3 * (12 * 16 + 10 * 4) + 4 * 2 * 3 * 3 * 4
+    assert bench.step_flops(c, 2, 3) == 3 * forward
+
+
+def test_bench_cli_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
+                     "--batch-size", "2", "--steps", "1", "--no-torch", "--no-profile", "--json", str(out)]) == 0
+    assert out.read_text().startswith("{")
