@@ -154,6 +154,28 @@ def _tour(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    import dataclasses
+    import time
+    from pathlib import Path
+
+    from .experiments import study
+    from .files import write_json
+
+    module = study(args.name)
+    out = Path(args.out or f"runs/experiments/{args.name}")
+    t0 = time.perf_counter()
+    result = module.run(fast=args.fast, seed=args.seed)
+    wall = time.perf_counter() - t0
+    print(module.summary(result))
+    data = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else result
+    write_json(out / "result.json", {"experiment": args.name, "fast": args.fast, "seed": args.seed,
+                                     "wall_seconds": wall, "result": data})
+    module.plot(result, out / "plot.png")
+    print(f"\n{wall:.0f} s; wrote {out / 'result.json'} and {out / 'plot.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA from scratch on a hand-written tiny GPT-2.")
     parser.add_argument("--backend", choices=backend.BACKENDS, help="array backend (default: numpy, or $MINILORA_BACKEND)")
@@ -250,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=int, default=300, help="fine-tuning steps per method")
     t.add_argument("--quick", action="store_true", help="a few steps per method (a smoke test, under a minute)")
     t.set_defaults(func=_tour)
+
+    from .experiments import STUDIES
+
+    x = sub.add_parser("experiment", help="run a study from the LoRA paper at tiny scale",
+                       description="Run one study, print its numbers, save result.json and plot.png. "
+                                   f"Studies: {', '.join(STUDIES)}.")
+    x.add_argument("name", choices=sorted(STUDIES))
+    x.add_argument("--fast", action="store_true", help="a seconds-long version (for tests)")
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
+    x.set_defaults(func=_experiment)
     return parser
 
 

@@ -14,6 +14,7 @@ from .data import load_corpus
 from .files import write_bytes_atomic, write_json
 from .finetune import FinetuneRun, finetune
 from .lora import LoRAConfig
+from .plots import new_figure, save_figure
 from .pretrained import load_pretrained
 from .train import TrainConfig
 
@@ -107,12 +108,7 @@ def write_results(runs, out: Path, wall_seconds: float) -> None:
 
 def plot_curves(runs, path: Path) -> None:
     """Validation loss (bits per character) against step, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = new_figure(figsize=(6, 4))
     for r in runs:
         steps, losses = zip(*r.val_curve)
         ax.plot(steps, [v / math.log(2) for v in losses], marker="o", markersize=3, label=f"{r.label} ({r.trainable:,} params)")
@@ -121,8 +117,4 @@ def plot_curves(runs, path: Path) -> None:
     ax.set_title("Fine-tuning the pretrained tiny GPT on Python code")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    write_bytes_atomic(path, image.getvalue())
+    save_figure(fig, path)

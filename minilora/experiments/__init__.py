@@ -1,0 +1,30 @@
+"""Studies that reproduce the LoRA paper's findings at tiny scale, each runnable as ``minilora experiment NAME``.
+
+Every study module has the same three functions:
+
+    result = run(fast=False, seed=0)     # plain results: a dataclass of numbers and lists
+    plot(result, path)                   # a matplotlib figure saved as PNG
+    summary(result) -> str               # the numbers as a short text table
+
+``fast=True`` is a seconds-long version for tests; the default finishes in minutes on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import importlib
+
+STUDIES = {
+    "rank-basics": "rank_basics",          # rank, numerical rank, Eckart-Young, parameter counts
+    "rank-sweep": "rank_sweep",            # paper Table 6: validation loss against r and target set
+    "budget": "budget",                    # paper Table 5: which weights under a fixed parameter budget
+    "subspace": "subspace",                # paper 7.2: subspace similarity phi between ranks and seeds
+    "delta-w": "delta_w",                  # paper 7.3: how Delta W relates to W (Table 7)
+    "full-spectrum": "full_spectrum",      # full fine-tuning's Delta W is low-rank too
+    "rslora": "rslora",                    # alpha / r against alpha / sqrt(r)
+}
+
+
+def study(name: str):
+    """The module of a study by its CLI name (see STUDIES)."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown experiment {name!r}; expected one of {sorted(STUDIES)}")
+    return importlib.import_module(f"{__name__}.{STUDIES[name]}")

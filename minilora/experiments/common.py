@@ -1,0 +1,92 @@
+"""What the studies share: the downstream corpus, and short LoRA / full fine-tuning runs from the shipped model.
+
+Defaults (a few minutes for a whole study on 2 CPU cores): batch 8 windows of 128 characters, 100 steps,
+LoRA lr 1e-2 and full fine-tuning lr 1e-3, validation on the first 4 batches (128 windows = 16k characters)
+of the python-email validation text. ``fast`` shrinks steps and validation for tests.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy
+
+from .. import backend
+from ..data import load_corpus
+from ..finetune import FinetuneRun, finetune
+from ..lora import LoRAConfig, lora_modules
+from ..pretrained import load_pretrained
+from ..train import TrainConfig, evaluate
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class RunSettings:
+    steps: int = 100
+    batch_size: int = 8
+    lora_lr: float = 1e-2
+    full_lr: float = 1e-3
+    eval_batches: int = 4
+    eval_every: int = 0          # 0: only before and after
+
+    @classmethod
+    def for_mode(cls, fast: bool, **overrides):
+        base = dict(steps=6, batch_size=4, eval_batches=1) if fast else {}
+        return cls(**{**base, **overrides})
+
+
+@functools.lru_cache(maxsize=None)
+def downstream():
+    """The downstream domain (python-email), loaded once."""
+    return load_corpus("python-email")
+
+
+def pretrained_val_loss(settings: RunSettings) -> float:
+    return evaluate(load_pretrained(dropout=0.0), downstream().val, max_batches=settings.eval_batches)
+
+
+def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | None = None,
+             use_rslora: bool = False):
+    """Fine-tune a fresh copy of the shipped model with LoRA; returns (model, FinetuneRun).
+
+    alpha: None means 2 r (scale 2 at every rank)."""
+    model = load_pretrained(dropout=0.0)
+    config = LoRAConfig(r=r, alpha=2.0 * r if alpha is None else alpha, targets=tuple(targets),
+                        use_rslora=use_rslora)
+    run = finetune(model, "lora", downstream(), _train_config(settings, settings.lora_lr, seed), config,
+                   latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label=f"LoRA r={r}")
+    return model, run
+
+
+def run_full(seed: int, settings: RunSettings):
+    """Full fine-tuning of a fresh copy of the shipped model; returns (model, FinetuneRun)."""
+    model = load_pretrained(dropout=0.0)
+    run = finetune(model, "full", downstream(), _train_config(settings, settings.full_lr, seed),
+                   latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label="full")
+    return model, run
+
+
+def _train_config(settings: RunSettings, lr: float, seed: int) -> TrainConfig:
+    return TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=lr, min_lr=lr / 10,
+                       warmup_steps=min(10, settings.steps), weight_decay=0.0, eval_every=settings.eval_every,
+                       eval_batches=settings.eval_batches, checkpoint_every=0, seed=seed, quiet=True)
+
+
+def adapter_matrices(model, name: str):
+    """(A, B, delta W) of the LoRA layer called ``name`` as float64 NumPy arrays; delta W in (in, out) layout."""
+    layer = dict(lora_modules(model))[name]
+    A = backend.to_numpy(layer.lora_A.data).astype(numpy.float64)
+    B = backend.to_numpy(layer.lora_B.data).astype(numpy.float64)
+    return A, B, backend.to_numpy(layer.delta_weight()).astype(numpy.float64)
+
+
+def weight(model, name: str):
+    """A parameter of the model as a float64 NumPy array (e.g. "h.0.attn.q_proj.weight")."""
+    return backend.to_numpy(dict(model.named_parameters())[name].data).astype(numpy.float64)
+
+
+def mean_and_spread(values):
+    """(mean, standard deviation) of a list of numbers (spread 0 for one value)."""
+    values = numpy.asarray(values, dtype=numpy.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
