@@ -14,7 +14,7 @@ import numpy
 
 from . import backend
 from . import functional as F
-from .nn import Block, Dropout, Embedding, LayerNorm, Module, ModuleList
+from .nn import Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Module, ModuleList
 
 
 @dataclass
@@ -71,6 +71,17 @@ class GPT(Module):
             for _ in range(c.n_layer)
         )
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, self.dtype)
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability everywhere (embeddings, attention, residual paths)."""
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be a float in [0, 1); got {p!r}")
+        self.config.dropout = float(p)
+        for _, module in self.named_modules():
+            if isinstance(module, Dropout):
+                module.p = float(p)
+            elif isinstance(module, CausalSelfAttention):
+                module.attn_dropout = float(p)
 
     # ------------------------------------------------------------------------------------------------
     def _check_idx(self, idx):

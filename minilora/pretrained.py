@@ -51,14 +51,7 @@ def load_pretrained(dtype="float32", dropout: float | None = None, directory=PRE
                          "the file is damaged or was replaced")
     model, _ = load_checkpoint(weights, dtype=dtype)
     if dropout is not None:
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
-        model.config.dropout = float(dropout)
-        for _, module in model.named_modules():
-            if hasattr(module, "p"):
-                module.p = float(dropout)
-            if hasattr(module, "attn_dropout"):
-                module.attn_dropout = float(dropout)
+        model.set_dropout(dropout)
     return model
 
 

@@ -13,7 +13,7 @@ import numpy
 
 from .. import backend
 from ..data import load_corpus
-from ..finetune import FinetuneRun, finetune
+from ..finetune import finetune
 from ..lora import LoRAConfig, lora_modules
 from ..pretrained import load_pretrained
 from ..train import TrainConfig, evaluate
