@@ -126,7 +126,6 @@ def _finetune(args) -> int:
     from . import data, train
     from .finetune import finetune
     from .lora import LoRAConfig
-    from .pretrained import load_pretrained
 
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus)
