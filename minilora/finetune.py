@@ -75,12 +75,14 @@ def finetune(model: GPT, method: str, corpus: Corpus, train_config: TrainConfig,
     if method not in METHODS:
         raise ValueError(f"unknown fine-tuning method {method!r}; expected one of {METHODS}")
     base_latency = forward_latency(model, repeats=latency_repeats) if latency_repeats else 0.0
-    val_before = evaluate(model, corpus.val, max_batches=eval_batches)
+    # the same windows as fit's periodic validation, so that val_curve is one consistent curve
+    val_of = lambda: evaluate(model, corpus.val, batch_size=train_config.batch_size, max_batches=eval_batches)
+    val_before = val_of()
     if method == "lora":
         apply_lora(model, lora or LoRAConfig(), seed=seed)
     report = parameter_report(model)
     result = fit(model, corpus.train, corpus.val, train_config, meta={"corpus": corpus.name, "method": method})
-    val_after = evaluate(model, corpus.val, max_batches=eval_batches)
+    val_after = val_of()
     run = FinetuneRun(
         label=label or method, method=method, trainable=report["trainable"], total=report["total"],
         percent=report["percent"], val_before=val_before, val_after=val_after,

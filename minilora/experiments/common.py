@@ -1,8 +1,8 @@
 """What the studies share: the downstream corpus, and short LoRA / full fine-tuning runs from the shipped model.
 
 Defaults (a few minutes for a whole study on 2 CPU cores): batch 8 windows of 128 characters, 100 steps,
-LoRA lr 1e-2 and full fine-tuning lr 1e-3, validation on the first 4 batches (128 windows = 16k characters)
-of the python-email validation text. ``fast`` shrinks steps and validation for tests.
+LoRA lr 1e-2 and full fine-tuning lr 1e-3, validation on the first 16 batches of 8 (128 windows = 16k
+characters) of the python-email validation text. ``fast`` shrinks steps and validation for tests.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class RunSettings:
     batch_size: int = 8
     lora_lr: float = 1e-2
     full_lr: float = 1e-3
-    eval_batches: int = 4
+    eval_batches: int = 16       # of batch_size windows: 16 x 8 = the first 128 validation windows
     eval_every: int = 0          # 0: only before and after
 
     @classmethod
@@ -43,7 +43,9 @@ def downstream():
 
 
 def pretrained_val_loss(settings: RunSettings) -> float:
-    return evaluate(load_pretrained(dropout=0.0), downstream().val, max_batches=settings.eval_batches)
+    """The untouched pretrained model on the same validation windows as the runs."""
+    return evaluate(load_pretrained(dropout=0.0), downstream().val, batch_size=settings.batch_size,
+                    max_batches=settings.eval_batches)
 
 
 def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | None = None,
