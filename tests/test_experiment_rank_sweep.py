@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from minilora.experiments import rank_sweep
+from minilora.experiments import common, rank_sweep
 from minilora.pretrained import pretrained_info
 
 
@@ -45,4 +45,4 @@ def test_plot_and_summary(result, tmp_path):
     for row in result.lora:
         assert f"{row['mean']:.4f}" in text and f"{row['trainable']:,}" in text
     assert f"{result.pretrained_loss:.4f}" in text and f"{result.full['mean']:.4f}" in text
-    assert f"{rank_sweep.bits_per_char(result.pretrained_loss):.4f}" in text
+    assert f"{common.bits_per_char(result.pretrained_loss):.4f}" in text

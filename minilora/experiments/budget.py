@@ -33,7 +33,6 @@ Cost (default): 7 configurations x 3 seeds = 21 runs of 100 steps, about 3 minut
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,16 +49,6 @@ CONFIGURATIONS = {             # label (the paper's names) -> (module-name suffi
     "Wq,Wk,Wv,Wo": (common.ATTENTION, 2),
 }
 N_SEEDS = 3                    # seeds seed, seed + 1, seed + 2 in default mode (one in fast mode)
-
-
-def bits_per_char(nats: float) -> float:
-    """Cross-entropy in nats per character -> bits per character."""
-    return nats / math.log(2)
-
-
-def lora_parameter_count(r: int, targets, n_layer: int, n_embd: int) -> int:
-    """Trainable numbers of LoRA at rank r on ``targets`` (each an n_embd x n_embd weight) in every block."""
-    return r * (n_embd + n_embd) * n_layer * len(targets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -83,7 +72,7 @@ def run(fast: bool = False, seed: int = 0) -> BudgetResult:
     settings = common.RunSettings.for_mode(fast)
     seeds = [seed] if fast else [seed + i for i in range(N_SEEDS)]
     config = pretrained_info()["model_config"]      # n_layer, n_embd of the shipped model
-    counts = {label: lora_parameter_count(r, targets, config["n_layer"], config["n_embd"])
+    counts = {label: common.attention_lora_parameters(r, targets, config["n_layer"], config["n_embd"])
               for label, (targets, r) in CONFIGURATIONS.items()}
     assert len(set(counts.values())) == 1, f"the configurations do not share one parameter budget: {counts}"
     budget = next(iter(counts.values()))
@@ -99,19 +88,13 @@ def run(fast: bool = False, seed: int = 0) -> BudgetResult:
                 f"LoRA {label} r={r} trains {finetune_run.trainable} numbers, not the budget {budget}")
             losses.append(finetune_run.val_after)
             done += 1
-            _progress(fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
+            common.progress("budget", fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
         mean, spread = common.mean_and_spread(losses)
         rows.append({"label": label, "targets": list(targets), "r": r, "trainable": budget, "losses": losses,
                      "mean": mean, "spread": spread})
 
     return BudgetResult(budget=budget, seeds=seeds, pretrained_loss=pretrained, configurations=rows,
                         settings=asdict(settings))
-
-
-def _progress(fast: bool, text: str) -> None:
-    """One line per finished run on stderr in default mode (minutes long); silent in fast mode."""
-    if not fast:
-        print(f"budget {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,9 +137,9 @@ def summary(result: BudgetResult) -> str:
     lines = [head, "", f"{'weights':<14}{'r':>3}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"]
     for row in ranking(result):
         lines.append(f"{row['label']:<14}{row['r']:>3}{row['trainable']:>11,}   "
-                     f"{row['mean']:.4f} +- {row['spread']:.4f}  {bits_per_char(row['mean']):>9.4f}")
+                     f"{row['mean']:.4f} +- {row['spread']:.4f}  {common.bits_per_char(row['mean']):>9.4f}")
     lines.append(f"{'pretrained':<14}{'-':>3}{0:>11,}   {result.pretrained_loss:.4f}            "
-                 f"{bits_per_char(result.pretrained_loss):>9.4f}")
+                 f"{common.bits_per_char(result.pretrained_loss):>9.4f}")
     lines += ["", *findings(result)]
     return "\n".join(lines)
 
@@ -178,7 +161,7 @@ def plot(result: BudgetResult, path) -> None:
     high = max(result.pretrained_loss, *(m + s for m, s in zip(means, spreads)))
     ax.set_ylim(low - 0.1 * (high - low), high + 0.05 * (high - low))
     ax.set_ylabel("validation loss (nats/char)")
-    ax.secondary_yaxis("right", functions=(bits_per_char, lambda b: b * math.log(2))).set_ylabel("bits/char")
+    ax.secondary_yaxis("right", functions=(common.bits_per_char, lambda b: b * math.log(2))).set_ylabel("bits/char")
     ax.set_title(f"LoRA under a fixed budget of {result.budget:,} trainable parameters")
     ax.legend(fontsize=8)
     save_figure(fig, Path(path))

@@ -7,6 +7,8 @@ characters) of the python-email validation text. ``fast`` shrinks steps and vali
 from __future__ import annotations
 
 import functools
+import math
+import sys
 from dataclasses import dataclass
 
 import numpy
@@ -92,3 +94,19 @@ def mean_and_spread(values):
     """(mean, standard deviation) of a list of numbers (spread 0 for one value)."""
     values = numpy.asarray(values, dtype=numpy.float64)
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
+
+
+def bits_per_char(nats: float) -> float:
+    """Cross-entropy in nats per character -> bits per character."""
+    return nats / math.log(2)
+
+
+def attention_lora_parameters(r: int, targets, n_layer: int, n_embd: int) -> int:
+    """Trainable numbers of LoRA at rank r on ``targets`` (each an n_embd x n_embd weight) in every block."""
+    return r * (n_embd + n_embd) * n_layer * len(targets)
+
+
+def progress(study: str, fast: bool, text: str) -> None:
+    """One line per finished run on stderr in default mode (minutes long); silent in fast mode."""
+    if not fast:
+        print(f"{study} {text}", file=sys.stderr, flush=True)

@@ -41,7 +41,6 @@ ranks 1 and 2, one seed, 6 steps: a few seconds.
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -56,16 +55,6 @@ TARGET_SETS = {                # label (the paper's names) -> module-name suffix
     "Wq,Wv": ("q_proj", "v_proj"),
     "Wq,Wk,Wv,Wo": common.ATTENTION,
 }
-
-
-def bits_per_char(nats: float) -> float:
-    """Cross-entropy in nats per character -> bits per character."""
-    return nats / math.log(2)
-
-
-def lora_parameter_count(r: int, targets, n_layer: int, n_embd: int) -> int:
-    """Trainable numbers of LoRA at rank r on ``targets`` (each an n_embd x n_embd weight) in every block."""
-    return r * (n_embd + n_embd) * n_layer * len(targets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -97,7 +86,7 @@ def run(fast: bool = False, seed: int = 0) -> RankSweepResult:
     rows = []
     for label, targets in TARGET_SETS.items():
         for r in ranks:
-            expected = lora_parameter_count(r, targets, config["n_layer"], config["n_embd"])
+            expected = common.attention_lora_parameters(r, targets, config["n_layer"], config["n_embd"])
             losses = []
             for s in seeds:
                 _, finetune_run = common.run_lora(targets, r, s, settings)
@@ -105,7 +94,7 @@ def run(fast: bool = False, seed: int = 0) -> RankSweepResult:
                     f"LoRA {label} r={r} trains {finetune_run.trainable} numbers, expected {expected}")
                 losses.append(finetune_run.val_after)
                 done += 1
-                _progress(fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
+                common.progress("rank-sweep", fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
             mean, spread = common.mean_and_spread(losses)
             rows.append({"targets": label, "r": r, "trainable": expected, "losses": losses,
                          "mean": mean, "spread": spread})
@@ -115,18 +104,12 @@ def run(fast: bool = False, seed: int = 0) -> RankSweepResult:
         _, finetune_run = common.run_full(s, settings)
         full_losses.append(finetune_run.val_after)
         done += 1
-        _progress(fast, f"[{done}/{total}] full fine-tuning seed={s}: {finetune_run.val_after:.4f}")
+        common.progress("rank-sweep", fast, f"[{done}/{total}] full fine-tuning seed={s}: {finetune_run.val_after:.4f}")
     mean, spread = common.mean_and_spread(full_losses)
     full = {"trainable": finetune_run.trainable, "losses": full_losses, "mean": mean, "spread": spread}
 
     return RankSweepResult(ranks=list(ranks), seeds=seeds, target_sets={k: list(v) for k, v in TARGET_SETS.items()},
                            pretrained_loss=pretrained, full=full, lora=rows, settings=asdict(settings))
-
-
-def _progress(fast: bool, text: str) -> None:
-    """One line per finished run on stderr in default mode (minutes long); silent in fast mode."""
-    if not fast:
-        print(f"rank-sweep {text}", file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -169,12 +152,12 @@ def summary(result: RankSweepResult) -> str:
     for label in result.target_sets:
         for row in curve(result, label):
             lines.append(f"{label:<14}{row['r']:>4}{row['trainable']:>11,}   "
-                         f"{row['mean']:.4f} +- {row['spread']:.4f}  {bits_per_char(row['mean']):>9.4f}")
+                         f"{row['mean']:.4f} +- {row['spread']:.4f}  {common.bits_per_char(row['mean']):>9.4f}")
     full = result.full
     lines.append(f"{'full FT':<14}{'-':>4}{full['trainable']:>11,}   "
-                 f"{full['mean']:.4f} +- {full['spread']:.4f}  {bits_per_char(full['mean']):>9.4f}")
+                 f"{full['mean']:.4f} +- {full['spread']:.4f}  {common.bits_per_char(full['mean']):>9.4f}")
     lines.append(f"{'pretrained':<14}{'-':>4}{0:>11,}   {result.pretrained_loss:.4f}            "
-                 f"{bits_per_char(result.pretrained_loss):>9.4f}")
+                 f"{common.bits_per_char(result.pretrained_loss):>9.4f}")
     lines += ["", *findings(result)]
     return "\n".join(lines)
 
@@ -191,7 +174,7 @@ def plot(result: RankSweepResult, path) -> None:
         ax.axhline(full["mean"], color="black", linestyle="-", label=f"full fine-tuning ({full['trainable']:,} params)")
         ax.axhspan(full["mean"] - full["spread"], full["mean"] + full["spread"], color="black", alpha=0.1)
         ax.set_ylabel("validation loss (nats/char)")
-        ax.secondary_yaxis("right", functions=(bits_per_char, lambda b: b * math.log(2))).set_ylabel("bits/char")
+        ax.secondary_yaxis("right", functions=(common.bits_per_char, lambda b: b * math.log(2))).set_ylabel("bits/char")
     for label in result.target_sets:
         rows = curve(result, label)
         means, spreads = [row["mean"] for row in rows], [row["spread"] for row in rows]
