@@ -111,6 +111,18 @@ def _rng_state(generator):
     return state if isinstance(state, dict) else None
 
 
+def dropout_generators(model) -> list:
+    """Every distinct dropout generator of the model (the GPT's own, and LoRA layers'), in module order."""
+    found, seen = [], set()
+    for _, module in model.named_modules():
+        for attr in ("_dropout_rng", "_rng"):
+            generator = module.__dict__.get(attr)
+            if generator is not None and id(generator) not in seen:
+                seen.add(id(generator))
+                found.append(generator)
+    return found
+
+
 def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, meta: dict | None = None) -> Path:
     """Write model weights (and AdamW moments) plus JSON metadata to one safetensors file, atomically.
 
@@ -188,7 +200,8 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
 
     def checkpoint(step):
         state = dict(run_meta, step=step, history={"train": result.train, "val": result.val},
-                     batch_rng=_rng_state(batch_rng), dropout_rng=_rng_state(model._dropout_rng))
+                     batch_rng=_rng_state(batch_rng),
+                     dropout_rngs=[_rng_state(g) for g in dropout_generators(model)])
         result.checkpoint = str(save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, state))
 
     from tqdm.auto import tqdm
@@ -260,8 +273,13 @@ def _resume(path, model, optimizer, batch_rng, result, config) -> int:
     optimizer.t = int(meta.get("adamw_t", 0))
     if meta.get("batch_rng"):
         batch_rng.bit_generator.state = meta["batch_rng"]
-    if meta.get("dropout_rng") and _rng_state(model._dropout_rng) is not None:
-        model._dropout_rng.bit_generator.state = meta["dropout_rng"]
+    generators = dropout_generators(model)
+    states = meta.get("dropout_rngs", [])
+    if len(states) != len(generators):
+        raise ValueError(f"{path} holds {len(states)} dropout generator states; this model has {len(generators)}")
+    for generator, state in zip(generators, states):
+        if state is not None and _rng_state(generator) is not None:
+            generator.bit_generator.state = state
     history = meta.get("history", {})
     result.train = [list(x) for x in history.get("train", [])]
     result.val = [list(x) for x in history.get("val", [])]

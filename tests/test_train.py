@@ -31,15 +31,22 @@ def test_fit_lowers_the_loss(toy_ids, tmp_path):
     assert result.val[-1][1] < result.val[0][1]
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_resume_reproduces_an_uninterrupted_run_exactly(toy_ids, tmp_path, dropout):
+def _model(cfg, seed, lora_dropout):
+    model = ml.GPT(cfg, seed=seed)
+    if lora_dropout is not None:     # LoRA layers draw their own dropout masks: their generator must resume too
+        ml.apply_lora(model, ml.LoRAConfig(r=2, alpha=4, dropout=lora_dropout))
+    return model
+
+
+@pytest.mark.parametrize("dropout, lora_dropout", [(0.0, None), (0.2, None), (0.1, 0.3)])
+def test_resume_reproduces_an_uninterrupted_run_exactly(toy_ids, tmp_path, dropout, lora_dropout):
     cfg = ml.GPTConfig(**TINY, dropout=dropout)
-    full_model = ml.GPT(cfg, seed=0)
+    full_model = _model(cfg, 0, lora_dropout)
     full = train.fit(full_model, toy_ids, toy_ids, _config(tmp_path / "full"))
 
     # the same run, interrupted after its checkpoint at step 8
     part_cfg = _config(tmp_path / "part")
-    stopped = ml.GPT(cfg, seed=0)
+    stopped = _model(cfg, 0, lora_dropout)
     calls = {"n": 0}
     real_save = train.save_checkpoint
 
@@ -56,7 +63,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(toy_ids, tmp_path, dropo
             train.fit(stopped, toy_ids, toy_ids, part_cfg)
     finally:
         train.save_checkpoint = real_save
-    resumed_model = ml.GPT(cfg, seed=99)      # different init: everything must come from the checkpoint
+    resumed_model = _model(cfg, 99, lora_dropout)   # different init: everything must come from the checkpoint
     resumed = train.fit(resumed_model, toy_ids, toy_ids, part_cfg,
                         resume_from=tmp_path / "part" / train.CHECKPOINT_NAME)
     assert resumed.train == full.train         # exact, not approximate
