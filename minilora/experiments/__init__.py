@@ -20,6 +20,10 @@ STUDIES = {
     "delta-w": "delta_w",                  # paper 7.3: how Delta W relates to W (Table 7)
     "full-spectrum": "full_spectrum",      # full fine-tuning's Delta W is low-rank too
     "rslora": "rslora",                    # alpha / r against alpha / sqrt(r)
+    "intrinsic-toy": "intrinsic_toy",      # Li et al.'s toy problem whose intrinsic dimension is exactly 10
+    "intrinsic-mlp": "intrinsic_mlp",      # a small network on a small real data set, d on a log scale
+    "intrinsic-gpt": "intrinsic_gpt",      # the tiny GPT: d90 pretrained vs random init, DID vs SAID, vs LoRA
+    "intrinsic-cost": "intrinsic_cost",    # time per step of dense vs Fastfood projections as d grows
 }
 
 
