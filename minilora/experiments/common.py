@@ -58,7 +58,7 @@ def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | N
     model = load_pretrained(dropout=0.0)
     config = LoRAConfig(r=r, alpha=2.0 * r if alpha is None else alpha, targets=tuple(targets),
                         use_rslora=use_rslora)
-    run = finetune(model, "lora", downstream(), _train_config(settings, settings.lora_lr, seed), config,
+    run = finetune(model, "lora", downstream(), train_config(settings, settings.lora_lr, seed), config,
                    latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label=f"LoRA r={r}")
     return model, run
 
@@ -66,12 +66,13 @@ def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | N
 def run_full(seed: int, settings: RunSettings):
     """Full fine-tuning of a fresh copy of the shipped model; returns (model, FinetuneRun)."""
     model = load_pretrained(dropout=0.0)
-    run = finetune(model, "full", downstream(), _train_config(settings, settings.full_lr, seed),
+    run = finetune(model, "full", downstream(), train_config(settings, settings.full_lr, seed),
                    latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label="full")
     return model, run
 
 
-def _train_config(settings: RunSettings, lr: float, seed: int) -> TrainConfig:
+def train_config(settings: RunSettings, lr: float, seed: int) -> TrainConfig:
+    """The TrainConfig of a study run: the settings, a peak lr with a tenfold cosine decay, no weight decay."""
     return TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=lr, min_lr=lr / 10,
                        warmup_steps=min(10, settings.steps), weight_decay=0.0, eval_every=settings.eval_every,
                        eval_batches=settings.eval_batches, checkpoint_every=0, seed=seed, quiet=True)
