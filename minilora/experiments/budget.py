@@ -77,21 +77,10 @@ def run(fast: bool = False, seed: int = 0) -> BudgetResult:
     assert len(set(counts.values())) == 1, f"the configurations do not share one parameter budget: {counts}"
     budget = next(iter(counts.values()))
     pretrained = common.pretrained_val_loss(settings)
-    done, total = 0, len(CONFIGURATIONS) * len(seeds)
-
-    rows = []
-    for label, (targets, r) in CONFIGURATIONS.items():
-        losses = []
-        for s in seeds:
-            _, finetune_run = common.run_lora(targets, r, s, settings)
-            assert finetune_run.trainable == budget, (
-                f"LoRA {label} r={r} trains {finetune_run.trainable} numbers, not the budget {budget}")
-            losses.append(finetune_run.val_after)
-            done += 1
-            common.progress("budget", fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
-        mean, spread = common.mean_and_spread(losses)
-        rows.append({"label": label, "targets": list(targets), "r": r, "trainable": budget, "losses": losses,
-                     "mean": mean, "spread": spread})
+    report = common.progress_counter("budget", fast, len(CONFIGURATIONS) * len(seeds))
+    rows = [{"label": label, "targets": list(targets),
+             **common.lora_over_seeds(label, targets, r, seeds, settings, budget, report)}
+            for label, (targets, r) in CONFIGURATIONS.items()]
 
     return BudgetResult(budget=budget, seeds=seeds, pretrained_loss=pretrained, configurations=rows,
                         settings=asdict(settings))

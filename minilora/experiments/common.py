@@ -111,3 +111,31 @@ def progress(study: str, fast: bool, text: str) -> None:
     """One line per finished run on stderr in default mode (minutes long); silent in fast mode."""
     if not fast:
         print(f"{study} {text}", file=sys.stderr, flush=True)
+
+
+def progress_counter(study: str, fast: bool, total: int):
+    """A function report(text) printing "<study> [i/total] text" on stderr in default mode (silent when fast)."""
+    done = [0]
+
+    def report(text: str) -> None:
+        done[0] += 1
+        progress(study, fast, f"[{done[0]}/{total}] {text}")
+
+    return report
+
+
+def lora_over_seeds(label: str, targets, r: int, seeds, settings: RunSettings, expected_trainable: int,
+                    report=None) -> dict:
+    """LoRA on ``targets`` at rank r once per seed: {"r", "trainable", "losses", "mean", "spread"}.
+
+    Checks that every run trains exactly ``expected_trainable`` numbers; calls report(text) after each run."""
+    losses = []
+    for s in seeds:
+        _, run = run_lora(targets, r, s, settings)
+        assert run.trainable == expected_trainable, (
+            f"LoRA {label} r={r} trains {run.trainable} numbers, expected {expected_trainable}")
+        losses.append(run.val_after)
+        if report is not None:
+            report(f"LoRA {label} r={r} seed={s}: {run.val_after:.4f}")
+    mean, spread = mean_and_spread(losses)
+    return {"r": r, "trainable": expected_trainable, "losses": losses, "mean": mean, "spread": spread}

@@ -81,30 +81,18 @@ def run(fast: bool = False, seed: int = 0) -> RankSweepResult:
     seeds = [seed] if fast else [seed + i for i in range(N_SEEDS)]
     config = pretrained_info()["model_config"]      # n_layer, n_embd of the shipped model
     pretrained = common.pretrained_val_loss(settings)
-    done, total = 0, len(seeds) * (len(TARGET_SETS) * len(ranks) + 1)
-
-    rows = []
-    for label, targets in TARGET_SETS.items():
-        for r in ranks:
-            expected = common.attention_lora_parameters(r, targets, config["n_layer"], config["n_embd"])
-            losses = []
-            for s in seeds:
-                _, finetune_run = common.run_lora(targets, r, s, settings)
-                assert finetune_run.trainable == expected, (
-                    f"LoRA {label} r={r} trains {finetune_run.trainable} numbers, expected {expected}")
-                losses.append(finetune_run.val_after)
-                done += 1
-                common.progress("rank-sweep", fast, f"[{done}/{total}] LoRA {label} r={r} seed={s}: {finetune_run.val_after:.4f}")
-            mean, spread = common.mean_and_spread(losses)
-            rows.append({"targets": label, "r": r, "trainable": expected, "losses": losses,
-                         "mean": mean, "spread": spread})
+    report = common.progress_counter("rank-sweep", fast, len(seeds) * (len(TARGET_SETS) * len(ranks) + 1))
+    rows = [{"targets": label,
+             **common.lora_over_seeds(label, targets, r, seeds, settings,
+                                      common.attention_lora_parameters(r, targets, config["n_layer"], config["n_embd"]),
+                                      report)}
+            for label, targets in TARGET_SETS.items() for r in ranks]
 
     full_losses = []
     for s in seeds:
         _, finetune_run = common.run_full(s, settings)
         full_losses.append(finetune_run.val_after)
-        done += 1
-        common.progress("rank-sweep", fast, f"[{done}/{total}] full fine-tuning seed={s}: {finetune_run.val_after:.4f}")
+        report(f"full fine-tuning seed={s}: {finetune_run.val_after:.4f}")
     mean, spread = common.mean_and_spread(full_losses)
     full = {"trainable": finetune_run.trainable, "losses": full_losses, "mean": mean, "spread": spread}
 
