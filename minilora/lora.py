@@ -246,23 +246,14 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
                              dropout_rng)
         wrapped.training = lin.training
         setattr(parent, attr, wrapped)
-    if config.bias == "all":
-        for name, p in model.named_parameters():
-            if name.endswith(".bias") and not _is_layernorm_param(model, name):
-                p.trainable = True
-    elif config.bias == "lora_only":
-        for _, m in lora_modules(model):
-            if m.bias is not None:
-                m.bias.trainable = True
+    # loralib's bias modes: "all" trains every linear layer's bias, "lora_only" those of the adapted layers
+    with_bias = [m for _, m in model.named_modules() if isinstance(m, Linear)] if config.bias == "all" else \
+        [m for _, m in lora_modules(model)] if config.bias == "lora_only" else []
+    for m in with_bias:
+        if m.bias is not None:
+            m.bias.trainable = True
     model.lora_config = config
     return model
-
-
-def _is_layernorm_param(model, name):
-    from .nn import LayerNorm
-
-    modules = dict(model.named_modules())
-    return isinstance(modules.get(name.rsplit(".", 1)[0]), LayerNorm)
 
 
 def parameter_report(model: Module) -> dict:

@@ -123,12 +123,10 @@ def summary(result: BudgetResult) -> str:
     head = (f"Fixed budget (paper Table 5): {result.budget:,} trainable parameters per configuration; validation "
             f"loss on python-email after {result.settings['steps']} steps, mean +- sd over {n} "
             f"seed{'s' if n > 1 else ''} {result.seeds}")
-    lines = [head, "", f"{'weights':<14}{'r':>3}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"]
-    for row in ranking(result):
-        lines.append(f"{row['label']:<14}{row['r']:>3}{row['trainable']:>11,}   "
-                     f"{row['mean']:.4f} +- {row['spread']:.4f}  {common.bits_per_char(row['mean']):>9.4f}")
-    lines.append(f"{'pretrained':<14}{'-':>3}{0:>11,}   {result.pretrained_loss:.4f}            "
-                 f"{common.bits_per_char(result.pretrained_loss):>9.4f}")
+    lines = [head, "", "weights" + common.LOSS_TABLE_HEADER[len("weights"):]]
+    lines += [common.loss_table_row(row["label"], row["r"], row["trainable"], row["mean"], row["spread"])
+              for row in ranking(result)]
+    lines.append(common.loss_table_row("pretrained", "-", 0, result.pretrained_loss))
     lines += ["", *findings(result)]
     return "\n".join(lines)
 

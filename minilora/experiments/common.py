@@ -139,3 +139,12 @@ def lora_over_seeds(label: str, targets, r: int, seeds, settings: RunSettings, e
             report(f"LoRA {label} r={r} seed={s}: {run.val_after:.4f}")
     mean, spread = mean_and_spread(losses)
     return {"r": r, "trainable": expected_trainable, "losses": losses, "mean": mean, "spread": spread}
+
+
+LOSS_TABLE_HEADER = f"{'':<14}{'r':>4}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"
+
+
+def loss_table_row(label: str, r, trainable: int, mean: float, spread: float | None = None) -> str:
+    """One line of a study's loss table: label, rank, trainable count, mean +- spread (nats), bits/char."""
+    loss = f"{mean:.4f} +- {spread:.4f}" if spread is not None else f"{mean:.4f}".ljust(16)
+    return f"{label:<14}{r!s:>4}{trainable:>11,}   {loss}  {bits_per_char(mean):>9.4f}"

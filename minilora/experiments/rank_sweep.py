@@ -136,16 +136,12 @@ def summary(result: RankSweepResult) -> str:
     n = len(result.seeds)
     head = (f"Rank sweep (paper Table 6): validation loss on python-email after {result.settings['steps']} steps, "
             f"mean +- sd over {n} seed{'s' if n > 1 else ''} {result.seeds}")
-    lines = [head, "", f"{'targets':<14}{'r':>4}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"]
-    for label in result.target_sets:
-        for row in curve(result, label):
-            lines.append(f"{label:<14}{row['r']:>4}{row['trainable']:>11,}   "
-                         f"{row['mean']:.4f} +- {row['spread']:.4f}  {common.bits_per_char(row['mean']):>9.4f}")
+    lines = [head, "", "targets" + common.LOSS_TABLE_HEADER[len("targets"):]]
+    lines += [common.loss_table_row(label, row["r"], row["trainable"], row["mean"], row["spread"])
+              for label in result.target_sets for row in curve(result, label)]
     full = result.full
-    lines.append(f"{'full FT':<14}{'-':>4}{full['trainable']:>11,}   "
-                 f"{full['mean']:.4f} +- {full['spread']:.4f}  {common.bits_per_char(full['mean']):>9.4f}")
-    lines.append(f"{'pretrained':<14}{'-':>4}{0:>11,}   {result.pretrained_loss:.4f}            "
-                 f"{common.bits_per_char(result.pretrained_loss):>9.4f}")
+    lines.append(common.loss_table_row("full FT", "-", full["trainable"], full["mean"], full["spread"]))
+    lines.append(common.loss_table_row("pretrained", "-", 0, result.pretrained_loss))
     lines += ["", *findings(result)]
     return "\n".join(lines)
 
