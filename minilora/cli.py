@@ -282,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
     x.set_defaults(func=_experiment)
+
+    from .assignments.cli import add_subcommands as add_assignment_commands
+
+    a = sub.add_parser("assignment", help="course assignments: build the student version, grade a submission",
+                       description="Build student versions of the assignments (solutions cut out) and grade them.")
+    add_assignment_commands(a.add_subparsers(dest="assignment_command", required=True))
     return parser
 
 
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
         if args.backend:
             backend.use_backend(args.backend)
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"minilora {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
