@@ -13,7 +13,8 @@ def _gradcheck(args) -> int:
 
     print(f"minilora gradcheck: every layer's hand-written backward against centred differences (float64), "
           f"backend {backend.current_backend()}\n")
-    results = gradcheck.layer_checks(seed=args.seed) + gradcheck.model_checks(seed=args.seed)
+    results = (gradcheck.layer_checks(seed=args.seed) + gradcheck.method_layer_checks(seed=args.seed)
+               + gradcheck.model_checks(seed=args.seed) + gradcheck.method_model_checks(seed=args.seed))
     print(gradcheck.format_table(results))
     failed = [r for r in results if not r.passed]
     worst = max(results, key=lambda r: r.rel_error)

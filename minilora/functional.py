@@ -201,37 +201,41 @@ def dropout_backward(dout, cache):
 _causal_mask_cache = {}
 
 
-def _causal_mask(xp, T, dtype):
-    """(T, T) additive mask: 0 on and below the diagonal, -inf above (a token never sees the future)."""
-    key = (xp.__name__, T, str(dtype))
+def _causal_mask(xp, T, S, dtype):
+    """(T, S) additive mask, S >= T: query t sees every key up to its own position S - T + t, and no later one.
+
+    With S = T this is the usual causal mask (0 on and below the diagonal, -inf above); the S - T extra keys
+    at the front are a prefix that every query sees (prefix tuning)."""
+    key = (xp.__name__, T, S, str(dtype))
     if key not in _causal_mask_cache:
-        mask = xp.triu(xp.full((T, T), -xp.inf, dtype=dtype), k=1)
-        _causal_mask_cache[key] = mask
+        _causal_mask_cache[key] = xp.triu(xp.full((T, S), -xp.inf, dtype=dtype), k=S - T + 1)
     return _causal_mask_cache[key]
 
 
 def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
     """Causal scaled dot-product attention over n_head heads.
 
-    q, k, v: (B, T, C) projections, C = n_head * hs. Returns y: (B, T, C) (heads joined, before the output
-    projection) and the cache.
+    q: (B, T, C); k, v: (B, S, C) with S >= T (S = T for ordinary self-attention; S - T > 0 leading keys
+    and values form a prefix every query may attend to). C = n_head * hs. Returns y: (B, T, C) (heads joined,
+    before the output projection) and the cache.
     """
     xp = get_array_module(q)
     B, T, C = q.shape
+    S = k.shape[1]
     hs = C // n_head
     scale = 1.0 / math.sqrt(hs)
     # (B, T, C) -> (B, H, T, hs); q is scaled here (B*T*C multiplies) rather than the scores (B*H*T*T)
     qh = (q * scale).reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    kh = k.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
-    vh = v.reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
+    kh = k.reshape(B, S, n_head, hs).transpose(0, 2, 1, 3)   # (B, H, S, hs)
+    vh = v.reshape(B, S, n_head, hs).transpose(0, 2, 1, 3)
     # k^T is made contiguous: a batched product whose right operand is a transposed view is about twice as
     # slow in NumPy, and this copy costs a quarter of that.
-    khT = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))   # (B, H, hs, T)
-    att = qh @ khT                                 # (B, H, T, T) scores, already divided by sqrt(hs)
-    att += _causal_mask(xp, T, att.dtype)          # future positions -> -inf
+    khT = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))   # (B, H, hs, S)
+    att = qh @ khT                                 # (B, H, T, S) scores, already divided by sqrt(hs)
+    att += _causal_mask(xp, T, S, att.dtype)       # future positions -> -inf
     att -= att.max(axis=-1, keepdims=True)         # softmax, stabilised (the diagonal is always finite)
     xp.exp(att, out=att)
-    att *= 1.0 / att.sum(axis=-1, keepdims=True)   # (B, H, T, T) probabilities, rows sum to 1
+    att *= 1.0 / att.sum(axis=-1, keepdims=True)   # (B, H, T, S) probabilities, rows sum to 1
     att_drop, drop_cache = dropout_forward(att, dropout_p, rng)
     yh = att_drop @ vh                             # (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) heads side by side
@@ -239,12 +243,12 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
 
 
 def attention_backward(dy, cache):
-    """Gradients of causal attention. dy: (B, T, C). Returns dq, dk, dv: (B, T, C)."""
+    """Gradients of causal attention. dy: (B, T, C). Returns dq: (B, T, C) and dk, dv: (B, S, C)."""
     xp = get_array_module(dy)
     qh, kh, vh, att, att_drop, drop_cache, scale = cache
     B, H, T, hs = qh.shape
     dyh = dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3)      # fwd: y = yh.transpose(...).reshape(B, T, C)
-    vhT = xp.ascontiguousarray(vh.transpose(0, 1, 3, 2))     # (B, H, hs, T), contiguous as khT in the forward
+    vhT = xp.ascontiguousarray(vh.transpose(0, 1, 3, 2))     # (B, H, hs, S), contiguous as khT in the forward
     datt = dyh @ vhT                                          # fwd: yh = att_drop @ vh
     dvh = att_drop.transpose(0, 1, 3, 2) @ dyh                # fwd: yh = att_drop @ vh
     datt = dropout_backward(datt, drop_cache)                 # fwd: att_drop = dropout(att)
@@ -257,7 +261,7 @@ def attention_backward(dy, cache):
     dqh = dscores @ kh                                        # fwd: scores = qh @ kh^T
     dkh = dscores.transpose(0, 1, 3, 2) @ qh                  # fwd: scores = qh @ kh^T
     dqh *= scale                                              # fwd: qh = q * scale (kh was not scaled)
-    join = lambda a: a.transpose(0, 2, 1, 3).reshape(B, T, H * hs)  # fwd: (B, T, C) -> (B, H, T, hs)
+    join = lambda a: a.transpose(0, 2, 1, 3).reshape(B, a.shape[2], H * hs)  # fwd: (B, T, C) -> (B, H, T, hs)
     return join(dqh), join(dkh), join(dvh)
 
 

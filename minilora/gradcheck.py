@@ -193,6 +193,50 @@ def layer_checks(seed=0, shapes=((2, 3, 8), (1, 1, 6), (2, 5, 12))):
     return results
 
 
+def method_layer_checks(seed=0, shapes=((2, 3, 8), (1, 1, 6), (2, 5, 12))):
+    """The layers the fine-tuning methods add: adapter, attention with prefix keys (prefix length 1 and 3,
+    with and without dropout), the prefix MLP, and LoRA."""
+    from .adapters import adapter_backward, adapter_forward
+    from .lora import lora_backward, lora_forward
+    from .prefix import prefix_attention_backward, prefix_attention_forward, prefix_mlp_backward, prefix_mlp_forward
+
+    rng = numpy.random.default_rng(seed)
+    results = []
+    for B, T, C in shapes:
+        tag = f"(B={B},T={T},C={C})"
+        m = 3
+        results += check_layer(
+            f"adapter {tag} m={m}",
+            lambda h, W_down, b_down, W_up, b_up: adapter_forward(h, W_down, b_down, W_up, b_up),
+            lambda d, c: dict(zip(("h", "W_down", "b_down", "W_up", "b_up"), adapter_backward(d, c))),
+            dict(h=_f64(rng, B, T, C), W_down=_f64(rng, C, m), b_down=_f64(rng, m), W_up=_f64(rng, m, C),
+                 b_up=_f64(rng, C)), seed)
+        n_head = 2 if C % 2 == 0 else 1
+        for P, p in ((1, 0.0), (3, 0.0), (3, 0.3)):
+            results += check_layer(
+                f"prefix attention {tag} P={P} H={n_head}" + (f" dropout {p}" if p else ""),
+                lambda q, k, v, prefix_k, prefix_v, p=p: prefix_attention_forward(
+                    q, k, v, prefix_k, prefix_v, n_head, p, backend.rng(seed) if p else None),
+                lambda d, c: dict(zip(("q", "k", "v", "prefix_k", "prefix_v"), prefix_attention_backward(d, c))),
+                dict(q=_f64(rng, B, T, C), k=_f64(rng, B, T, C), v=_f64(rng, B, T, C), prefix_k=_f64(rng, P, C),
+                     prefix_v=_f64(rng, P, C)), seed)
+        r = 2
+        results += check_layer(
+            f"lora {tag} r={r}",
+            lambda x, W, b, A, B_: lora_forward(x, W, b, A, B_, 1.5),
+            lambda d, c: dict(zip(("x", "A", "B_", "W", "b"), lora_backward(d, c, weight_grad=True, bias_grad=True))),
+            dict(x=_f64(rng, B, T, C), W=_f64(rng, C, C + 1), b=_f64(rng, C + 1), A=_f64(rng, r, C),
+                 B_=_f64(rng, C + 1, r)), seed)
+    P, C, hidden = 3, 8, 5
+    results += check_layer(
+        f"prefix MLP (P={P},C={C},hidden={hidden})",
+        lambda E, W_in, b_in, W_out, b_out: prefix_mlp_forward(E, W_in, b_in, W_out, b_out),
+        lambda d, c: dict(zip(("E", "W_in", "b_in", "W_out", "b_out"), prefix_mlp_backward(d, c))),
+        dict(E=_f64(rng, P, C), W_in=_f64(rng, C, hidden), b_in=_f64(rng, hidden), W_out=_f64(rng, hidden, 2 * C),
+             b_out=_f64(rng, 2 * C)), seed)
+    return results
+
+
 def _ce_pair(logits, targets, ignore_index):
     """Cross-entropy as a (scalar out, cache = dlogits) pair so that check_layer can treat it as a layer."""
     loss, dlogits = F.softmax_cross_entropy(logits, targets, ignore_index)
@@ -210,16 +254,19 @@ def randomize_parameters(model, seed=0, scale=0.1):
 def gpt_loss_fn(idx, targets, dropout_rng=None):
     """A loss function for ``directional_check``: forward, cross-entropy and (optionally) backward.
 
-    dropout_rng: the model's dropout generator; its state is rewound before every forward so that each
-    evaluation of L(theta) draws the same dropout masks (otherwise L would change with every call).
+    dropout_rng: the model's dropout generator, or a list of generators (``train.dropout_generators(model)``
+    when LoRA layers have their own); their states are rewound before every forward so that each evaluation
+    of L(theta) draws the same dropout masks (otherwise L would change with every call).
     """
     from .model import cross_entropy
 
-    start = dropout_rng.bit_generator.state if dropout_rng is not None else None
+    generators = [] if dropout_rng is None else list(dropout_rng) if isinstance(dropout_rng, (list, tuple)) \
+        else [dropout_rng]
+    starts = [g.bit_generator.state for g in generators]
 
     def run(model, backward=True):
-        if start is not None:
-            dropout_rng.bit_generator.state = start
+        for g, state in zip(generators, starts):
+            g.bit_generator.state = state
         logits = model.forward(idx)
         loss, dlogits = cross_entropy(logits, targets)
         if backward:
@@ -262,3 +309,31 @@ def format_table(results) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def method_model_checks(seed=0):
+    """Every fine-tuning method on a small float64 GPT with dropout: directional derivative over exactly the
+    parameters the method trains (its additions are randomised first, so zero initialisations hide nothing)."""
+    from .adapters import AdapterConfig
+    from .lora import LoRAConfig
+    from .methods import METHODS, MethodSettings, apply_method
+    from .model import GPT, GPTConfig
+    from .prefix import PrefixConfig, PromptConfig
+    from .train import dropout_generators
+
+    cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
+    settings = MethodSettings(lora=LoRAConfig(r=2, alpha=3.0, dropout=0.1), adapters=AdapterConfig(bottleneck=3),
+                              prefix=PrefixConfig(length=2), prefix_mlp=PrefixConfig(length=2, reparameterize=True, hidden=5),
+                              prompt=PromptConfig(length=2))
+    rng = numpy.random.default_rng(seed)
+    idx = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
+    targets = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
+    results = []
+    for name in METHODS:
+        model = GPT(cfg, seed=seed, dtype="float64")
+        apply_method(model, name, settings, seed=seed)
+        randomize_parameters(model, seed)
+        r = directional_check(model, gpt_loss_fn(idx, targets, dropout_generators(model)), seed=seed)
+        r.layer, r.param = f"GPT + {name}", f"{model.num_parameters(trainable_only=True)} trainable"
+        results.append(r)
+    return results

@@ -23,7 +23,7 @@ import numpy
 from . import backend
 from . import functional as F
 from .files import load_safetensors, read_json, save_safetensors, write_json
-from .nn import Linear, Module, Parameter
+from .nn import Linear, Module, Parameter, freeze_pretrained
 
 INITS = ("default", "gaussian", "pissa")
 BIAS_MODES = ("none", "all", "lora_only")
@@ -217,7 +217,7 @@ def lora_modules(model):
 
 
 def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -> Module:
-    """Freeze the model and wrap every target Linear in a LoRALinear (in place); returns the model.
+    """Freeze the pretrained weights and wrap every target Linear in a LoRALinear (in place); returns the model.
 
     Validates everything (targets found, rank within each layer's size, LoRA not already applied) before
     changing anything.
@@ -237,8 +237,7 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
         limit = min(lin.weight.shape)
         if config.r > limit:
             raise ValueError(f"LoRA rank r={config.r} exceeds min(in, out) = {limit} of {name} {tuple(lin.weight.shape)}")
-    for p in model.parameters():
-        p.trainable = False
+    freeze_pretrained(model)     # adapters, prefixes or prompts added before LoRA stay trainable
     rng = numpy.random.default_rng(seed)
     dropout_rng = backend.rng(seed + 1)
     for name, parent, attr, lin in chosen:

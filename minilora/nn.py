@@ -132,6 +132,25 @@ class Module:
         return cache
 
 
+# the name parts that mark a parameter a fine-tuning method added (LoRA, adapters, prefix and prompt tuning)
+ADDED_BY_METHODS = ("lora_", "adapter_", "prefix_", "prompt_")
+
+
+def is_added_by_method(name: str) -> bool:
+    """Whether a dotted parameter name belongs to a fine-tuning method rather than to the pretrained model."""
+    return any(part.startswith(ADDED_BY_METHODS) for part in name.split("."))
+
+
+def freeze_pretrained(model: Module) -> None:
+    """Freeze the pretrained weights: every parameter except those a fine-tuning method added.
+
+    Each method (apply_lora, apply_adapters, apply_prefix, apply_prompt) calls this before adding its own
+    trainable parameters, so methods combine in any order and the earlier ones stay trainable."""
+    for name, p in model.named_parameters():
+        if not is_added_by_method(name):
+            p.trainable = False
+
+
 class ModuleList(Module):
     """An ordered list of modules, named "0", "1", ... ."""
 
