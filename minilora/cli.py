@@ -154,6 +154,25 @@ def _tour(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    import time
+
+    from .experiments import compare
+
+    settings = compare.CompareSettings.fast() if args.fast else compare.CompareSettings()
+    if args.seeds is not None:
+        settings.seeds = tuple(range(args.seed, args.seed + args.seeds))
+    elif args.seed:
+        settings.seeds = tuple(args.seed + s for s in settings.seeds)
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    t0 = time.perf_counter()
+    result = compare.compare_methods(methods=methods, settings=settings, quiet=args.fast)
+    print(compare.summary(result))
+    paths = compare.save(result, args.out)
+    print(f"\n{time.perf_counter() - t0:.0f} s; wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _experiment(args) -> int:
     import dataclasses
     import time
@@ -283,6 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
     x.set_defaults(func=_experiment)
+
+    from .methods import METHODS
+
+    c = sub.add_parser("compare", help="every fine-tuning method side by side (scores, costs, latency)",
+                       description="Fine-tune the shipped model with every method over several seeds on the code "
+                                   "domain (bits/char) and the stdlib-package classification task (accuracy); "
+                                   "print the table of trainable parameters, scores, step time, memory, checkpoint "
+                                   "size and inference latency at batch 1 and 32; write table.csv, result.json "
+                                   f"and plot.png. Methods: {', '.join(METHODS)}.")
+    c.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
+    c.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; 1 with --fast)")
+    c.add_argument("--seed", type=int, default=0, help="first seed")
+    c.add_argument("--fast", action="store_true", help="a few steps per run (a smoke test, seconds)")
+    c.add_argument("--out", default="runs/compare", help="output directory")
+    c.set_defaults(func=_compare)
 
     from .assignments.cli import add_subcommands as add_assignment_commands
 

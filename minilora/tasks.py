@@ -1,7 +1,12 @@
 """A classification task built offline from what Python installs, solved by a language model with label tokens.
 
-    "stdlib-package"   which standard-library package does a snippet of Python source come from?
-                       4 classes: asyncio, email, tkinter, xml; input: 63 characters from anywhere in a file
+    "prose-or-package" is a snippet English prose (Python's help topics), or Python source from the standard
+                       library's email, tkinter or asyncio package? 4 classes; the default task
+    "stdlib-package"   which standard-library package does a snippet of Python source come from? (asyncio,
+                       email, tkinter, xml: harder, no prose to spot)
+
+Snippets are 63 characters from anywhere in the text. A word-count naive Bayes classifier reaches 84% on
+stdlib-package; the tiny pretrained GPT needs many more steps than the comparison gives it to get there.
 
 Classification with a causal language model needs no new head: the model reads the snippet and is asked, at
 every position, for one of K label tokens ("0", "1", ...). Training minimises the cross-entropy of the right
@@ -22,13 +27,16 @@ from dataclasses import dataclass
 import numpy
 
 from . import backend
-from .data import VAL_FRACTION, _stdlib_package_text
+from .data import VAL_FRACTION, _pydoc_text, _stdlib_package_text
 from .model import cross_entropy
 from .optim import AdamW, clip_grad_norm, cosine_schedule
 from .tokenizer import encode
 
 IGNORE = -1                       # target of the positions that are not asked anything
-TASKS = {"stdlib-package": ("asyncio", "email", "tkinter", "xml")}
+TASKS = {
+    "stdlib-package": ("asyncio", "email", "tkinter", "xml"),
+    "prose-or-package": ("pydoc", "email", "tkinter", "asyncio"),
+}
 
 
 @dataclass
@@ -45,7 +53,7 @@ class ClassificationTask:
     val_y: numpy.ndarray
 
 
-def load_task(name: str = "stdlib-package", length: int = 63, val_per_class: int = 64) -> ClassificationTask:
+def load_task(name: str = "prose-or-package", length: int = 63, val_per_class: int = 64) -> ClassificationTask:
     """Build a task (see TASKS); snippets have ``length`` tokens, validation has val_per_class per class."""
     if name not in TASKS:
         raise ValueError(f"unknown classification task {name!r}; expected one of {sorted(TASKS)}")
@@ -56,7 +64,7 @@ def load_task(name: str = "stdlib-package", length: int = 63, val_per_class: int
     classes = TASKS[name]
     train, val_x, val_y = [], [], []
     for k, package in enumerate(classes):
-        ids = encode(_stdlib_package_text(package))
+        ids = encode(_pydoc_text() if package == "pydoc" else _stdlib_package_text(package))
         cut = int(len(ids) * (1 - VAL_FRACTION))
         train.append(ids[:cut])
         val = ids[cut:]

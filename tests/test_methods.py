@@ -259,7 +259,8 @@ def test_training_memory_and_checkpoint_contents():
 
 def test_classification_task_is_balanced_and_labelled_with_label_tokens():
     task = load_task(length=31, val_per_class=5)
-    assert task.classes == ("asyncio", "email", "tkinter", "xml")
+    assert task.classes == ("pydoc", "email", "tkinter", "asyncio")
+    assert load_task("stdlib-package", length=31, val_per_class=1).classes == ("asyncio", "email", "tkinter", "xml")
     assert task.val_x.shape == (20, 31) and np.bincount(task.val_y).tolist() == [5, 5, 5, 5]
     assert ml.tokenizer.decode(task.label_ids) == "0123"
     idx, targets = classification_batch(task, 6, np.random.default_rng(0))
@@ -278,3 +279,43 @@ def test_a_classifier_trains_and_is_scored():
     run = train_classifier(model, task, steps=4, batch_size=4, lr=1e-2)
     assert len(run.losses) == 4 and all(np.isfinite(run.losses)) and run.step_seconds > 0
     assert 0.0 <= accuracy(model, task) <= 1.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# the comparison
+
+
+def test_compare_runs_end_to_end_in_fast_mode(tmp_path):
+    import csv
+    import json
+
+    from minilora.experiments import compare, compare_methods
+
+    result = compare_methods(methods=("lora", "adapters", "prompt"), fast=True)
+    rows = {r.method: r for r in result.rows}
+    assert list(rows) == ["lora", "adapters", "prompt"]
+    assert rows["lora"].trainable == 8192 and rows["prompt"].trainable == 1024
+    for r in result.rows:
+        assert np.isfinite(r.lm_mean) and 0.0 <= r.acc_mean <= 1.0 and r.lm_step_ms > 0 and r.cls_step_ms > 0
+        assert set(r.latency_ms) == {"1", "32"} and r.checkpoint_bytes > 0 and r.memory["total"] > 0
+    assert set(rows["lora"].latency_unmerged_ms) == {"1", "32"} and not rows["adapters"].latency_unmerged_ms
+    text = compare.summary(result)
+    assert "base (no training)" in text and "lora before merging" in text
+    paths = compare.save(result, tmp_path / "out")
+    assert all(p.exists() for p in paths)
+    with open(paths[0]) as f:
+        table = list(csv.DictReader(f))
+    assert [row["method"] for row in table] == ["base (no training)", "lora", "adapters", "prompt"]
+    assert json.loads(paths[1].read_text())["rows"][0]["method"] == "lora"
+
+
+def test_compare_command_and_bad_method(tmp_path, capsys):
+    from minilora.cli import main
+    from minilora.experiments import compare_methods
+
+    assert main(["compare", "--fast", "--methods", "bitfit", "--out", str(tmp_path)]) == 0
+    assert "bitfit" in capsys.readouterr().out and (tmp_path / "table.csv").exists()
+    assert main(["compare", "--fast", "--methods", "bitfit,lora9", "--out", str(tmp_path)]) == 2
+    assert "unknown fine-tuning method 'lora9'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown fine-tuning method"):
+        compare_methods(methods=("dora",), fast=True)

@@ -24,7 +24,15 @@ STUDIES = {
     "intrinsic-mlp": "intrinsic_mlp",      # a small network on a small real data set, d on a log scale
     "intrinsic-gpt": "intrinsic_gpt",      # the tiny GPT: d90 pretrained vs random init, DID vs SAID, vs LoRA
     "intrinsic-cost": "intrinsic_cost",    # time per step of dense vs Fastfood projections as d grows
+    "compare": "compare",                  # paper Tables 1-4: every fine-tuning method, scores, costs, latency
 }
+
+
+def compare_methods(*args, **kwargs):
+    """Every fine-tuning method side by side (see experiments/compare.py): a CompareResult."""
+    from .compare import compare_methods as run
+
+    return run(*args, **kwargs)
 
 
 def study(name: str):
