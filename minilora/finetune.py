@@ -46,10 +46,10 @@ def optimizer_state_bytes(model: GPT) -> int:
     return sum(2 * p.data.nbytes for p in model.parameters(trainable_only=True))
 
 
-def forward_latency(model: GPT, batch_size: int = 1, repeats: int = 20) -> float:
-    """Median seconds of one evaluation-mode forward pass over a full block of tokens."""
-    idx = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size,
-                                                                size=(batch_size, model.config.block_size)))
+def forward_latency(model: GPT, batch_size: int = 1, repeats: int = 20, seq_len: int | None = None) -> float:
+    """Median seconds of one evaluation-mode forward pass over seq_len tokens (None: a full block)."""
+    seq_len = seq_len or model.config.block_size
+    idx = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size, size=(batch_size, seq_len)))
     was_training = model.training
     model.eval()
     times = []

@@ -146,7 +146,8 @@ class GPT(Module):
 
         idx: integer array (B, T) of prompt ids; temperature: > 0 scales the logits (0 means greedy: always the
         most likely token); top_k: sample only among the k most likely tokens; seed: for the sampling generator.
-        The context is cropped to the last block_size tokens. Returns a NumPy array (B, T + max_new_tokens).
+        The context is cropped to the last block_size tokens (fewer when a prefix or prompt takes some of the
+        positions: ``wpe.n_virtual``). Returns a NumPy array (B, T + max_new_tokens).
         Runs in evaluation mode (no dropout) and restores the previous mode afterwards.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, numpy.integer)) or max_new_tokens < 0:
@@ -160,9 +161,10 @@ class GPT(Module):
         rng = numpy.random.default_rng(seed)
         was_training = self.training
         self.eval()
+        context_size = self.config.block_size - getattr(self.wpe, "n_virtual", 0)
         try:
             for _ in range(max_new_tokens):
-                context = out[:, -self.config.block_size:]
+                context = out[:, -context_size:]
                 logits = backend.to_numpy(self.forward(context))[:, -1, :].astype(numpy.float64)   # (B, V)
                 if temperature == 0:
                     next_ids = logits.argmax(axis=1)

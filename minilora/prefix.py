@@ -299,10 +299,16 @@ class PromptConfig:
         return asdict(self)
 
 
-def _refuse_second_virtual(model):
+def _checked_config(model, config, config_type):
+    """The config (or the default one), checked against the model before anything changes."""
+    config = config or config_type()
+    if not isinstance(config, config_type):
+        raise TypeError(f"config must be a {config_type.__name__}; got {type(config).__name__}")
+    _check_length(config_type.__name__, config.length, model.config.block_size)
     if isinstance(model.wpe, VirtualPositions):
         raise ValueError("the model already has virtual tokens (a prefix or a prompt); prefix and prompt tuning "
                          "do not stack: start from a fresh model")
+    return config
 
 
 def _vocab_activations(model, ids):
@@ -332,12 +338,8 @@ def prefix_modules(model):
 def apply_prefix(model: Module, config: PrefixConfig | None = None, seed: int = 0) -> Module:
     """Freeze the pretrained weights and give every attention layer P trainable prefix keys and values (in
     place); returns the model. Sequences then hold at most block_size - P real tokens."""
-    config = config or PrefixConfig()
-    if not isinstance(config, PrefixConfig):
-        raise TypeError(f"config must be a PrefixConfig; got {type(config).__name__}")
+    config = _checked_config(model, config, PrefixConfig)
     c = model.config
-    _check_length("PrefixConfig", config.length, c.block_size)
-    _refuse_second_virtual(model)
     rng = numpy.random.default_rng(seed)
     dtype = model.dtype
     if config.init == "vocab" and config.length > 0:
@@ -380,12 +382,8 @@ def bake_prefix(model: Module) -> None:
 def apply_prompt(model: Module, config: PromptConfig | None = None, seed: int = 0) -> Module:
     """Freeze the pretrained weights and prepend P trainable soft-prompt vectors to every input (in place);
     returns the model. Sequences then hold at most block_size - P real tokens."""
-    config = config or PromptConfig()
-    if not isinstance(config, PromptConfig):
-        raise TypeError(f"config must be a PromptConfig; got {type(config).__name__}")
+    config = _checked_config(model, config, PromptConfig)
     c = model.config
-    _check_length("PromptConfig", config.length, c.block_size)
-    _refuse_second_virtual(model)
     rng = numpy.random.default_rng(seed)
     if config.init == "vocab":
         ids = backend.asarray(rng.integers(0, c.vocab_size, size=config.length))

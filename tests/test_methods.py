@@ -319,3 +319,10 @@ def test_compare_command_and_bad_method(tmp_path, capsys):
     assert "unknown fine-tuning method 'lora9'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown fine-tuning method"):
         compare_methods(methods=("dora",), fast=True)
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt", "adapters"])
+def test_generation_crops_the_context_to_what_fits(method):
+    model = apply_method(small_model(dtype="float32"), method, SMALL)
+    out = model.generate(tokens(B=1, T=9), max_new_tokens=6, seed=0)    # 15 tokens > block_size - 3
+    assert out.shape == (1, 15)

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 import tempfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import numpy
 from .. import backend
 from ..data import get_batch
 from ..files import save_safetensors, write_bytes_atomic, write_json
+from ..finetune import forward_latency
 from ..methods import METHODS, MethodSettings, apply_method, check_method, for_inference, method_state, training_memory
 from ..plots import new_figure, save_figure
 from ..pretrained import load_pretrained
@@ -102,25 +101,9 @@ class CompareResult:
     rows: list                         # MethodResult per method
 
 
-def _latency_ms(model, batch_size, seq_len, repeats) -> float:
-    """Median milliseconds of one evaluation-mode forward pass over (batch_size, seq_len) tokens."""
-    idx = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size, size=(batch_size, seq_len)))
-    was_training = model.training
-    model.eval()
-    times = []
-    for i in range(repeats + 2):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        model.forward(idx)
-        backend.synchronize()
-        if i >= 2:                     # the first calls warm caches and allocators
-            times.append(time.perf_counter() - t0)
-    model.train(was_training)
-    return 1e3 * statistics.median(times)
-
-
 def _latencies(model, s: CompareSettings) -> dict:
-    return {str(b): _latency_ms(model, b, s.seq_len, s.latency_repeats) for b in (1, 32)}
+    """Milliseconds of one inference forward pass at batch 1 and 32 (median of the repeats)."""
+    return {str(b): 1e3 * forward_latency(model, b, s.latency_repeats, s.seq_len) for b in (1, 32)}
 
 
 def _checkpoint_bytes(model, method) -> int:
