@@ -48,20 +48,32 @@ def optimizer_state_bytes(model: GPT) -> int:
 
 def forward_latency(model: GPT, batch_size: int = 1, repeats: int = 20, seq_len: int | None = None) -> float:
     """Median seconds of one evaluation-mode forward pass over seq_len tokens (None: a full block)."""
-    seq_len = seq_len or model.config.block_size
-    idx = backend.asarray(numpy.random.default_rng(0).integers(0, model.config.vocab_size, size=(batch_size, seq_len)))
-    was_training = model.training
-    model.eval()
-    times = []
+    return paired_forward_latency([model], batch_size, repeats, seq_len)[0]
+
+
+def paired_forward_latency(models, batch_size: int = 1, repeats: int = 20, seq_len: int | None = None) -> list:
+    """Median seconds of one evaluation-mode forward pass of each model, the models taking turns.
+
+    Taking turns (a, b, a, b, ...) exposes every model to the same machine state (clock speed, caches, other
+    load), so the ratio of two medians is much steadier than two separate measurements."""
+    seq_len = seq_len or models[0].config.block_size
+    idx = backend.asarray(numpy.random.default_rng(0).integers(0, models[0].config.vocab_size,
+                                                                size=(batch_size, seq_len)))
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    times = [[] for _ in models]
     for i in range(repeats + 2):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        model.forward(idx)
-        backend.synchronize()
-        if i >= 2:                 # the first calls warm caches and allocators
-            times.append(time.perf_counter() - t0)
-    model.train(was_training)
-    return statistics.median(times)
+        for model, seconds in zip(models, times):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            model.forward(idx)
+            backend.synchronize()
+            if i >= 2:                 # the first calls warm caches and allocators
+                seconds.append(time.perf_counter() - t0)
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    return [statistics.median(t) for t in times]
 
 
 def finetune(model: GPT, method: str, corpus: Corpus, train_config: TrainConfig, lora: LoRAConfig | None = None,

@@ -29,7 +29,7 @@ import numpy
 from .. import backend
 from ..data import get_batch
 from ..files import save_safetensors, write_bytes_atomic, write_json
-from ..finetune import forward_latency
+from ..finetune import paired_forward_latency
 from ..methods import METHODS, MethodSettings, apply_method, check_method, for_inference, method_state, training_memory
 from ..plots import new_figure, save_figure
 from ..pretrained import load_pretrained
@@ -91,7 +91,9 @@ class MethodResult:
     memory: dict                       # bytes: parameters, gradients, optimizer, activations, total
     checkpoint_bytes: int
     latency_ms: dict                   # {"1": ms at batch 1, "32": ms at batch 32}, as the method runs inference
-    latency_unmerged_ms: dict = field(default_factory=dict)   # LoRA methods: before merging
+    latency_ratio: dict                # the same over the base model's time, measured in turns with it
+    latency_unmerged_ms: dict = field(default_factory=dict)     # LoRA methods: before merging
+    latency_unmerged_ratio: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -101,9 +103,18 @@ class CompareResult:
     rows: list                         # MethodResult per method
 
 
-def _latencies(model, s: CompareSettings) -> dict:
-    """Milliseconds of one inference forward pass at batch 1 and 32 (median of the repeats)."""
-    return {str(b): 1e3 * forward_latency(model, b, s.latency_repeats, s.seq_len) for b in (1, 32)}
+LATENCY_BATCHES = (1, 32)
+
+
+def _latencies(base, model, s: CompareSettings) -> tuple:
+    """({batch: ms}, {batch: ms / base's ms}) of one inference forward pass at batch 1 and 32, the model
+    and the base model taking turns (see paired_forward_latency). Batch 1 gets 5x the repeats (it is short)."""
+    ms, ratio = {}, {}
+    for b in LATENCY_BATCHES:
+        repeats = s.latency_repeats * (5 if b == 1 else 1)
+        base_s, model_s = paired_forward_latency([base, model], b, repeats, s.seq_len)
+        ms[str(b)], ratio[str(b)] = 1e3 * model_s, model_s / base_s
+    return ms, ratio
 
 
 def _checkpoint_bytes(model, method) -> int:
@@ -151,7 +162,7 @@ def compare_methods(methods=None, seeds=None, fast: bool = False, settings: Comp
         "lm_bpc": bits_per_char(evaluate(base_model, downstream().val, batch_size=s.lm_batch, block_size=s.seq_len,
                                          max_batches=s.lm_eval_batches)),
         "accuracy": accuracy(base_model, task),
-        "latency_ms": _latencies(base_model, s),
+        "latency_ms": _latencies(base_model, base_model, s)[0],
     }
     report(f"base model: {base['lm_bpc']:.4f} bits/char, accuracy {base['accuracy']:.3f}")
     rows = []
@@ -172,13 +183,13 @@ def compare_methods(methods=None, seeds=None, fast: bool = False, settings: Comp
         trainable = measured.num_parameters(trainable_only=True)
         percent = 100.0 * trainable / base_model.num_parameters()
         checkpoint = _checkpoint_bytes(measured, method)
-        unmerged = _latencies(measured, s) if "lora" in method else {}
-        latency = _latencies(for_inference(measured, method), s)
+        unmerged, unmerged_ratio = _latencies(base_model, measured, s) if "lora" in method else ({}, {})
+        latency, latency_ratio = _latencies(base_model, for_inference(measured, method), s)
         lm_mean, lm_spread = mean_and_spread(bpcs)
         acc_mean, acc_spread = mean_and_spread(accs)
         rows.append(MethodResult(method, trainable, percent, bpcs, lm_mean, lm_spread, accs, acc_mean, acc_spread,
                                  float(numpy.mean(lm_ms)), float(numpy.mean(cls_ms)), memory, checkpoint, latency,
-                                 unmerged))
+                                 latency_ratio, unmerged, unmerged_ratio))
     settings_dict = asdict(s)
     return CompareResult(settings_dict, base, rows)
 
@@ -244,8 +255,8 @@ def table_rows(result: CompareResult) -> list:
             "lm_bpc_spread": r.lm_spread, "accuracy_mean": r.acc_mean, "accuracy_spread": r.acc_spread,
             "lm_step_ms": r.lm_step_ms, "cls_step_ms": r.cls_step_ms, "train_memory_mb": r.memory["total"] / 2**20,
             "activations_mb": r.memory["activations"] / 2**20, "checkpoint_kb": r.checkpoint_bytes / 1024,
-            "latency_b1_ms": r.latency_ms["1"], "latency_b1_vs_base": r.latency_ms["1"] / base_lat["1"],
-            "latency_b32_ms": r.latency_ms["32"], "latency_b32_vs_base": r.latency_ms["32"] / base_lat["32"],
+            "latency_b1_ms": r.latency_ms["1"], "latency_b1_vs_base": r.latency_ratio["1"],
+            "latency_b32_ms": r.latency_ms["32"], "latency_b32_vs_base": r.latency_ratio["32"],
         })
     return rows
 
@@ -267,12 +278,13 @@ def summary(result: CompareResult) -> str:
         r = r if isinstance(r, MethodResult) else MethodResult(**r)
         if r.latency_unmerged_ms:
             lines.append(f"  {r.method} before merging: batch 1 {r.latency_unmerged_ms['1']:.2f} ms "
-                         f"(x{r.latency_unmerged_ms['1'] / result.base['latency_ms']['1']:.2f}), batch 32 "
-                         f"{r.latency_unmerged_ms['32']:.1f} ms (x{r.latency_unmerged_ms['32'] / result.base['latency_ms']['32']:.2f})")
+                         f"(x{r.latency_unmerged_ratio['1']:.2f}), batch 32 {r.latency_unmerged_ms['32']:.1f} ms "
+                         f"(x{r.latency_unmerged_ratio['32']:.2f})")
     lines.append(f"({n} seed{'s' if n > 1 else ''}; LM: {result.settings['lm_steps']} steps of "
                  f"{result.settings['lm_batch']} x {result.settings['seq_len']}; classification: "
                  f"{result.settings['cls_steps']} steps of {result.settings['cls_batch']} snippets; step ms is the "
-                 f"LM step; memory is what a training step keeps; latency after merging LoRA / baking a prefix MLP)")
+                 f"LM step; memory is what a training step keeps; latency after merging LoRA / baking a prefix MLP, x base "
+                 f"measured taking turns with the base model)")
     return "\n".join(lines)
 
 
@@ -305,7 +317,7 @@ def plot(result: CompareResult, path) -> None:
     names = [r.method for r in rows]
     x = numpy.arange(len(rows))
     for offset, batch in ((-0.2, "1"), (0.2, "32")):
-        ratios = [r.latency_ms[batch] / result.base["latency_ms"][batch] for r in rows]
+        ratios = [r.latency_ratio[batch] for r in rows]
         axes[2].bar(x + offset, ratios, width=0.4, label=f"batch {batch}")
     axes[2].axhline(1.0, color="gray", linestyle=":")
     axes[2].set_xticks(x, names, rotation=45, ha="right")
