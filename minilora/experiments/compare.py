@@ -314,16 +314,18 @@ def plot(result: CompareResult, path) -> None:
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    names = [r.method for r in rows]
-    x = numpy.arange(len(rows))
+    bars = [(r.method, r.latency_ratio) for r in rows]
+    bars += [(f"{r.method} (unmerged)", r.latency_unmerged_ratio) for r in rows if r.latency_unmerged_ratio]
+    x = numpy.arange(len(bars))
     for offset, batch in ((-0.2, "1"), (0.2, "32")):
-        ratios = [r.latency_ratio[batch] for r in rows]
-        axes[2].bar(x + offset, ratios, width=0.4, label=f"batch {batch}")
+        axes[2].bar(x + offset, [ratio[batch] for _, ratio in bars], width=0.4, label=f"batch {batch}")
+    highest = max(max(ratio.values()) for _, ratio in bars)
+    axes[2].set_ylim(min(0.9, min(min(ratio.values()) for _, ratio in bars) - 0.02), highest + 0.05)
     axes[2].axhline(1.0, color="gray", linestyle=":")
-    axes[2].set_xticks(x, names, rotation=45, ha="right")
-    axes[2].set_ylabel("inference latency / base model")
+    axes[2].set_xticks(x, [name for name, _ in bars], rotation=45, ha="right")
+    axes[2].set_ylabel("inference latency / base model (taking turns)")
     axes[2].legend()
-    axes[2].set_title("adapters cost latency; merged LoRA does not")
+    axes[2].set_title("inference cost after merging LoRA / baking the prefix MLP")
     save_figure(fig, path)
 
 
