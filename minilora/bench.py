@@ -95,6 +95,51 @@ def torch_step(config, B, seed=0, threads=None):
     return step
 
 
+def torch_lora_step(config, B, seed=0, threads=None, r=4, alpha=8):
+    """The PyTorch LoRA step: transformers' GPT-2 with PEFT LoRA r=4 on the attention (c_attn) and torch AdamW.
+
+    GPT-2 joins Wq, Wk, Wv in one c_attn matrix, so PEFT adapts all three (minilora's LoRA step adapts Wq and
+    Wv only): the PEFT side trains 1.5x minilora's adapter numbers, a slightly heavier step."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
+                    n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
+                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
+                    bos_token_id=0, eos_token_id=0)
+    model = get_peft_model(GPT2LMHeadModel(hf), LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"],
+                                                           fan_in_fan_out=True, lora_dropout=0.0)).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+
+    def step():
+        logits = model(input_ids=idx).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach().item()
+
+    return step
+
+
+def matmul_peak_gflops(n=1024, repeats=5, dtype="float32") -> float:
+    """The machine's own matrix-multiply speed: GFLOP/s of an n x n @ n x n product on the selected backend
+    (best of the repeats), the ceiling every step's GFLOP/s is measured against."""
+    xp = backend.xp()
+    rng = numpy.random.default_rng(0)
+    a = backend.asarray(rng.standard_normal((n, n)).astype(dtype))
+    b = backend.asarray(rng.standard_normal((n, n)).astype(dtype))
+    best = min(_time(lambda: xp.matmul(a, b), 1, 1 if i == 0 else 0) for i in range(repeats))
+    return 2 * n ** 3 / best / 1e9
+
+
 def breakdown(step, steps=3):
     """Where a minilora step spends its time: cProfile's cumulative time per functional layer and AdamW."""
     profiler = cProfile.Profile()
@@ -132,7 +177,11 @@ class BenchResult:
     ratio: float | None = None          # minilora time / torch time: <= 1.0 means as fast as PyTorch
     lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv
     lora_ratio: float | None = None     # LoRA step / full fine-tuning step: goal <= 0.75
-    inference_ms: dict = field(default_factory=dict)   # {"batch 1": {"base":, "lora unmerged":, "lora merged":}, ...}
+    torch_lora_step_s: float | None = None   # PEFT LoRA r=4 on c_attn
+    lora_torch_ratio: float | None = None    # minilora LoRA step / PEFT LoRA step
+    inference_ms: dict = field(default_factory=dict)   # {"batch 1": {"base":, "lora unmerged":, "lora merged":, "adapters":}, ...}
+    inference_ratio: dict = field(default_factory=dict)  # the same / base, measured taking turns with the base
+    matmul_peak_gflops: float | None = None
     breakdown_s: dict = field(default_factory=dict)
     torch_note: str = ""
 
@@ -154,25 +203,89 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
             result.torch_note = f"PyTorch reference skipped: {exc} (pip install 'minilora[reference]')"
     result.lora_step_s = _time(minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8)), steps, warmup)
     result.lora_ratio = result.lora_step_s / ours
-    result.inference_ms = inference_latency(config)
+    if with_torch and result.torch_step_s is not None:
+        try:
+            result.torch_lora_step_s = _time(torch_lora_step(config, batch_size, threads=threads), steps, warmup)
+            result.lora_torch_ratio = result.lora_step_s / result.torch_lora_step_s
+        except ImportError as exc:
+            result.torch_note += f" PEFT LoRA reference skipped: {exc}"
+    result.inference_ms, result.inference_ratio = inference_latency(config)
+    result.matmul_peak_gflops = matmul_peak_gflops()
     if profile:
         result.breakdown_s = breakdown(minilora_step(config, batch_size))
     return result
 
 
-def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20) -> dict:
-    """Median forward time (ms) of the base model and of LoRA r=4 (Wq, Wv) unmerged and merged."""
-    base = GPT(config, seed=0).eval()
-    adapted = apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)).eval()
-    merged = apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)).eval()
-    merge_lora(merged)
-    rng = numpy.random.default_rng(0)
-    out = {}
+def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20) -> tuple[dict, dict]:
+    """Forward time (ms) at each batch size of the base model, LoRA r=4 (Wq, Wv) unmerged and merged, and
+    adapters (m=4): medians, each model taking turns with the base; returns ({batch: {name: ms}}, {batch:
+    {name: ms / base ms}})."""
+    from .adapters import AdapterConfig, apply_adapters
+    from .finetune import paired_forward_latency
+
+    base = GPT(config, seed=0)
+    variants = {"lora unmerged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
+                "lora merged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
+                "adapters": apply_adapters(GPT(config, seed=0), AdapterConfig(bottleneck=4))}
+    merge_lora(variants["lora merged"])
+    ms, ratio = {}, {}
     for B in batch_sizes:
-        idx = backend.asarray(rng.integers(0, config.vocab_size, size=(B, config.block_size)))
-        out[f"batch {B}"] = {name: 1e3 * _time(lambda m=m: m.forward(idx), repeats, 2)
-                             for name, m in (("base", base), ("lora unmerged", adapted), ("lora merged", merged))}
+        key = f"batch {B}"
+        n = repeats * (5 if B == 1 else 1)
+        ms[key], ratio[key] = {}, {}
+        for name, model in variants.items():
+            base_s, model_s = paired_forward_latency([base, model], B, n)
+            ms[key].setdefault("base", 1e3 * base_s)
+            ms[key][name], ratio[key][name] = 1e3 * model_s, model_s / base_s
+    return ms, ratio
+
+
+def scaling(base: GPTConfig | None = None, batch_size: int = 8, n_embds=(64, 128, 256, 512),
+            block_sizes=(32, 64, 128, 256, 512), batch_sizes=(1, 4, 16, 64), steps=3, warmup=1) -> dict:
+    """How a training step's time grows with width, context and batch (one varied at a time from ``base``),
+    and how many bytes one attention layer's cache holds against T (the (B, H, T, T) probabilities grow as
+    T^2). Returns {"n_embd": [[value, seconds], ...], "block_size": ..., "batch_size": ..., "attention_bytes":
+    [[T, bytes], ...]}."""
+    from dataclasses import replace
+
+    from .methods import activation_bytes
+
+    base = base or GPTConfig()
+    out = {"n_embd": [], "block_size": [], "batch_size": [], "attention_bytes": []}
+    for C in n_embds:
+        config = replace(base, n_embd=C, n_head=max(1, C // 32))
+        out["n_embd"].append([C, _time(minilora_step(config, batch_size), steps, warmup)])
+    for T in block_sizes:
+        config = replace(base, block_size=T)
+        out["block_size"].append([T, _time(minilora_step(config, batch_size), steps, warmup)])
+        model = GPT(config, seed=0)
+        attn = model.h[0].attn
+        x = backend.asarray(numpy.zeros((batch_size, T, config.n_embd), dtype="float32"))
+        attn.forward(x)
+        out["attention_bytes"].append([T, activation_bytes(attn)])
+    for B in batch_sizes:
+        out["batch_size"].append([B, _time(minilora_step(base, B), steps, warmup)])
     return out
+
+
+def plot_scaling(result: dict, path) -> None:
+    """Log-log: step time against n_embd, block_size and batch size; attention cache bytes against T."""
+    from .plots import new_figure, save_figure
+
+    fig, axes = new_figure(1, 2, figsize=(12, 4.5))
+    for key, marker in (("n_embd", "o"), ("block_size", "s"), ("batch_size", "^")):
+        xs, ts = zip(*result[key])
+        axes[0].loglog(xs, [1e3 * t for t in ts], marker=marker, label=f"against {key}")
+    axes[0].set_xlabel("n_embd, block_size or batch size (others at the default)")
+    axes[0].set_ylabel("training step (ms)")
+    axes[0].legend()
+    Ts, nbytes = zip(*result["attention_bytes"])
+    axes[1].loglog(Ts, [b / 2**20 for b in nbytes], marker="o", label="measured")
+    axes[1].loglog(Ts, [nbytes[-1] / 2**20 * (T / Ts[-1]) ** 2 for T in Ts], linestyle=":", label="~ T^2")
+    axes[1].set_xlabel("T (block_size)")
+    axes[1].set_ylabel("one attention layer's cache (MB)")
+    axes[1].legend()
+    save_figure(fig, path)
 
 
 def format_result(r: BenchResult) -> str:
@@ -195,11 +308,16 @@ def format_result(r: BenchResult) -> str:
     if r.lora_step_s is not None:
         lines += [f"LoRA r=4 (Wq, Wv) step: {r.lora_step_s * 1e3:.1f} ms = {r.lora_ratio:.2f} of the full "
                   f"fine-tuning step (goal <= 0.75)"]
+    if r.torch_lora_step_s is not None:
+        lines += [f"PEFT LoRA r=4 (c_attn) step: {r.torch_lora_step_s * 1e3:.1f} ms; minilora LoRA / PEFT LoRA: "
+                  f"{r.lora_torch_ratio:.2f}"]
+    if r.matmul_peak_gflops:
+        lines += [f"matrix-multiply peak of this machine (1024^3 sgemm): {r.matmul_peak_gflops:.0f} GFLOP/s; the "
+                  f"minilora step reaches {100 * r.minilora_gflops / r.matmul_peak_gflops:.0f}% of it"]
     for batch, times in r.inference_ms.items():
-        base = times["base"]
-        lines += [f"inference {batch}: base {base:.2f} ms, LoRA unmerged {times['lora unmerged']:.2f} ms "
-                  f"({times['lora unmerged'] / base:.3f}x), merged {times['lora merged']:.2f} ms "
-                  f"({times['lora merged'] / base:.3f}x, goal <= 1.02)"]
+        ratios = r.inference_ratio.get(batch, {})
+        parts = ", ".join(f"{name} {ms:.2f} ms ({ratios[name]:.3f}x)" for name, ms in times.items() if name != "base")
+        lines += [f"inference {batch}: base {times['base']:.2f} ms, {parts} (goal: merged <= 1.02x)"]
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a minilora step's time goes (cProfile, cumulative per function):"]

@@ -36,6 +36,19 @@ def _bench(args) -> int:
 
         write_json(args.json, bench.as_dict(result))
         print(f"\nwrote {args.json}")
+    if args.scaling:
+        from pathlib import Path
+
+        from .files import write_json
+
+        grown = bench.scaling(config)
+        out = Path(args.scaling)
+        write_json(out / "scaling.json", grown)
+        bench.plot_scaling(grown, out / "scaling.png")
+        for key in ("n_embd", "block_size", "batch_size"):
+            print(f"step time against {key}: " + ", ".join(f"{v}: {1e3 * t:.1f} ms" for v, t in grown[key]))
+        print("attention cache against T: " + ", ".join(f"{T}: {b / 2**20:.1f} MB" for T, b in grown["attention_bytes"]))
+        print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
     return 0
 
 
@@ -217,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     b.add_argument("--no-profile", action="store_true", help="skip the per-layer breakdown")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--scaling", metavar="DIR", help="also measure how the step grows with n_embd, block_size and "
+                                                   "batch size (and attention memory with T); write DIR/scaling.png")
     b.set_defaults(func=_bench)
 
     p = sub.add_parser("pretrain", help="pretrain a tiny GPT on a corpus",

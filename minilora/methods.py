@@ -105,12 +105,17 @@ def method_state(model: Module, name: str) -> dict:
 # memory
 
 
+def _owner(array):
+    """The array that owns the memory of ``array`` (itself, or the base of a view)."""
+    while getattr(array, "base", None) is not None and backend.is_array(array.base):
+        array = array.base
+    return array
+
+
 def _arrays_in(obj, found: dict) -> None:
     """Collect every array inside nested tuples/lists/dicts, by the memory it owns (views count once)."""
     if backend.is_array(obj):
-        base = obj
-        while getattr(base, "base", None) is not None and backend.is_array(base.base):
-            base = base.base
+        base = _owner(obj)
         found[id(base)] = base.nbytes
     elif isinstance(obj, (tuple, list)):
         for item in obj:
@@ -121,12 +126,15 @@ def _arrays_in(obj, found: dict) -> None:
 
 
 def activation_bytes(model: Module) -> int:
-    """Bytes of the arrays the modules' caches hold right now (after a forward, before its backward)."""
+    """Bytes of the arrays the modules' caches hold right now (after a forward, before its backward); the
+    weights a cache refers to are parameters, not activations, and are not counted."""
     found = {}
     for _, module in model.named_modules():
         for key, value in vars(module).items():
             if key.endswith("_cache"):
                 _arrays_in(value, found)
+    for p in model.parameters():
+        found.pop(id(_owner(p.data)), None)
     return sum(found.values())
 
 

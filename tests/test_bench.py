@@ -12,6 +12,8 @@ def test_bench_reports_every_figure():
     assert result.minilora_step_s > 0 and result.minilora_gflops > 0
     assert result.lora_step_s > 0 and result.lora_ratio == result.lora_step_s / result.minilora_step_s
     assert set(result.inference_ms) == {"batch 1", "batch 32"}
+    assert set(result.inference_ratio["batch 1"]) == {"lora unmerged", "lora merged", "adapters"}
+    assert result.matmul_peak_gflops > 0
     assert "linear_forward" in result.breakdown_s and "AdamW.step" in result.breakdown_s
     if with_torch:
         assert result.ratio == result.minilora_step_s / result.torch_step_s
@@ -30,3 +32,14 @@ def test_bench_cli_writes_json(tmp_path):
     assert cli.main(["bench", "--n-layer", "1", "--n-embd", "16", "--n-head", "2", "--block-size", "8",
                      "--batch-size", "2", "--steps", "1", "--no-torch", "--no-profile", "--json", str(out)]) == 0
     assert out.read_text().startswith("{")
+
+
+def test_scaling_measures_growth_and_attention_memory(tmp_path):
+    base = ml.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32)
+    grown = bench.scaling(base, batch_size=2, n_embds=(16, 32), block_sizes=(8, 32), batch_sizes=(1, 2), steps=1,
+                          warmup=0)
+    assert [v for v, _ in grown["n_embd"]] == [16, 32] and all(t > 0 for _, t in grown["batch_size"])
+    (_, b8), (_, b32) = grown["attention_bytes"]
+    assert b32 > 4 * b8            # more than linear in T: the (B, H, T, T) probabilities grow as T^2
+    bench.plot_scaling(grown, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").stat().st_size > 0
