@@ -14,7 +14,9 @@ construction and every array it creates has it; the functional layer preserves t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
 
 import numpy
 
@@ -142,6 +144,27 @@ def synchronize() -> None:
     if _state["name"] == "cupy":
         _state["xp"].cuda.get_current_stream().synchronize()
 
+
+def tune_host_allocator() -> bool:
+    """Let freed large arrays stay in the process's heap for the next ones (glibc on Linux); True if applied.
+
+    A training step creates and frees hundreds of temporaries of several MB. By default glibc gives each
+    block above 128 KB its own fresh memory map and returns it to the operating system when freed, so every
+    new temporary starts with thousands of page faults (about 0.35 ms per 8 MB array): 14% of the default
+    model's step. Raising the map threshold and the trim threshold keeps that memory for reuse (the process
+    keeps its peak memory instead of shrinking). Called once on import; ``MINILORA_TUNE_MALLOC=0`` turns it off.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # glibc's malloc.h parameter numbers
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError):                        # not glibc (musl, ...): leave malloc alone
+        return False
+
+
+HOST_ALLOCATOR_TUNED = os.environ.get("MINILORA_TUNE_MALLOC", "1") != "0" and tune_host_allocator()
 
 _env = os.environ.get("MINILORA_BACKEND")
 if _env:
