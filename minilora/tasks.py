@@ -28,8 +28,8 @@ import numpy
 
 from . import backend
 from .data import VAL_FRACTION, _pydoc_text, _stdlib_package_text
-from .model import cross_entropy
 from .optim import AdamW, clip_grad_norm, cosine_schedule
+from .parallel import ParallelStep, default_threads
 from .tokenizer import encode
 
 IGNORE = -1                       # target of the positions that are not asked anything
@@ -119,26 +119,29 @@ class ClassifierRun:
 def train_classifier(model, task: ClassificationTask, steps: int, batch_size: int, lr: float, seed: int = 0,
                      warmup_steps: int = 10, grad_clip: float = 1.0) -> ClassifierRun:
     """Train the trainable parameters of ``model`` on the task: AdamW (no weight decay), warmup + cosine to
-    lr / 10, global-norm clipping. Returns the losses and the time per step."""
+    lr / 10, global-norm clipping, data-parallel over the cores as ``train.fit``. Returns the losses and the
+    time per step."""
     params = model.parameters(trainable_only=True)
     if not params:
         raise ValueError("the model has no trainable parameters")
     optimizer = AdamW(params, lr=lr, weight_decay=0.0)
     rng = numpy.random.default_rng(seed)
     model.train()
+    parallel = ParallelStep(model, default_threads(batch_size))
     losses = []
     t0 = time.perf_counter()
     for step in range(steps):
         optimizer.lr = cosine_schedule(step, lr, min(warmup_steps, steps), steps, lr / 10)
         idx, targets = classification_batch(task, batch_size, rng)
-        loss, dlogits = cross_entropy(model.forward(idx), targets, ignore_index=IGNORE)
+        loss = parallel.forward_backward(idx, targets, ignore_index=IGNORE)
         if not math.isfinite(loss):
+            parallel.close()
             raise FloatingPointError(f"the loss became {loss} at step {step + 1}")
-        model.backward(dlogits)
         if grad_clip:
             clip_grad_norm(params, grad_clip)
         optimizer.step()
         model.zero_grad()
         losses.append(loss)
+    parallel.close()
     backend.synchronize()
     return ClassifierRun(losses, (time.perf_counter() - t0) / steps)

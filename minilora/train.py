@@ -23,6 +23,7 @@ from .data import get_batch, sequential_batches
 from .files import load_safetensors, save_safetensors, write_json
 from .model import GPT, GPTConfig, cross_entropy
 from .optim import AdamW, clip_grad_norm, cosine_schedule
+from .parallel import ParallelStep, default_threads
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 
@@ -47,6 +48,7 @@ class TrainConfig:
     out_dir: str | None = None
     seed: int = 0
     quiet: bool = False                 # no progress bar
+    threads: int | None = None          # data-parallel threads (parallel.py); None: every core on NumPy, 1 on CuPy
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -61,6 +63,9 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr; got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0:
             raise ValueError(f"TrainConfig.grad_clip must be >= 0; got {self.grad_clip}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"TrainConfig.threads must be None or an int >= 1; got {self.threads!r}")
 
 
 @dataclass
@@ -208,17 +213,17 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
 
     bar = tqdm(total=config.steps, initial=start, disable=config.quiet, desc="train", unit="step")
     model.train()
+    parallel = ParallelStep(model, config.threads or default_threads(config.batch_size))
     tokens = config.batch_size * block_size
     t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
             optimizer.lr = cosine_schedule(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
             idx, targets = get_batch(train_ids, config.batch_size, block_size, batch_rng)
-            loss, dlogits = cross_entropy(model.forward(idx), targets)
+            loss = parallel.forward_backward(idx, targets)       # fills every trainable p.grad
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} at step {step + 1}: training stopped; "
                                          f"the last checkpoint ({result.checkpoint or 'none written'}) is untouched")
-            model.backward(dlogits)
             if config.grad_clip:
                 norm = clip_grad_norm(params, config.grad_clip)
             else:
@@ -246,6 +251,8 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
             bar.update(1)
     finally:
         bar.close()
+        parallel.close()
+        model.zero_grad()
     result.steps = config.steps
     result.seconds = time.perf_counter() - t0
     result.tokens_per_second = tokens * (config.steps - start) / max(result.seconds - result.eval_seconds, 1e-9)

@@ -82,19 +82,22 @@ def test_resume_with_a_different_config_is_refused(toy_ids, tmp_path):
         train.fit(other, toy_ids, None, _config(tmp_path), resume_from=tmp_path / train.CHECKPOINT_NAME)
 
 
-def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(toy_ids, tmp_path, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(toy_ids, tmp_path, monkeypatch, threads):
+    from minilora import parallel
+
     model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
-    real = train.cross_entropy
+    real = parallel.cross_entropy
     calls = {"n": 0}
 
-    def poisoned(logits, targets):
-        calls["n"] += 1
-        loss, dlogits = real(logits, targets)
-        return (float("nan") if calls["n"] == 7 else loss), dlogits
+    def poisoned(logits, targets, ignore_index=None):
+        calls["n"] += 1          # one call per thread per step: the first call of step 7 returns NaN
+        loss, dlogits = real(logits, targets, ignore_index)
+        return (float("nan") if calls["n"] == 6 * threads + 1 else loss), dlogits
 
-    monkeypatch.setattr(train, "cross_entropy", poisoned)
+    monkeypatch.setattr(parallel, "cross_entropy", poisoned)
     with pytest.raises(FloatingPointError, match="step 7"):
-        train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0))
+        train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0, threads=threads))
     path = tmp_path / train.CHECKPOINT_NAME
     restored, meta = train.load_checkpoint(path)
     assert meta["step"] == 4

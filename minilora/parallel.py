@@ -1,0 +1,125 @@
+"""Data parallelism over the CPU's cores: each thread runs its own replica of the model on a slice of the batch.
+
+NumPy runs each elementwise operation (GELU, softmax, layernorm, the residual adds: about half of a training
+step) on one core; only matrix products spread over cores (in OpenBLAS). PyTorch runs both kinds on every
+core. To use every core for everything without changing a line of the layer code, minilora splits the batch:
+
+    thread k:  replica_k.forward(idx[slice_k]) -> loss_k;  replica_k.backward(w_k * dlogits_k)
+    then:      model.grad = sum_k replica_k.grad             w_k = (tokens in slice k) / (tokens in the batch)
+
+so the summed gradient is exactly the gradient of the mean loss over the whole batch (up to rounding: sums
+happen in another order). A replica shares the model's weight arrays (no copy) but has its own caches and
+gradients; NumPy releases Python's global interpreter lock inside its loops, so the threads really run at the
+same time. Meanwhile BLAS is limited to one thread per call, so the threads do not fight over cores.
+
+Dropout: each replica draws its masks from its own generators, reseeded every step from the model's own
+generators, so a run is reproducible (and resumes exactly) for a given number of threads, but a run with 2
+threads draws different masks from a run with 1.
+
+On CuPy this is pointless (the GPU is already parallel): ``threads`` is 1 there.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy
+
+from . import backend
+from .model import cross_entropy
+
+
+def default_threads(batch_size: int) -> int:
+    """All cores on NumPy (never more threads than sequences in the batch); 1 on CuPy."""
+    if backend.current_backend() != "numpy":
+        return 1
+    return max(1, min(os.cpu_count() or 1, batch_size))
+
+
+def _generators(module) -> list:
+    """The distinct random generators a model's modules hold (dropout), in module order."""
+    found, seen = [], set()
+    for _, m in module.named_modules():
+        for value in vars(m).values():
+            if hasattr(value, "bit_generator") and id(value) not in seen:
+                seen.add(id(value))
+                found.append(value)
+    return found
+
+
+def _blas_controller():
+    """threadpoolctl's controller of the loaded BLAS libraries, or None when threadpoolctl is missing (then
+    BLAS is not limited and the parallel step is merely slower)."""
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+class ParallelStep:
+    """``loss = ParallelStep(model, threads).forward_backward(idx, targets)``: the model's gradients of the mean
+    cross-entropy over the batch, computed by ``threads`` replicas on slices of it. ``threads=1`` is the plain
+    forward and backward. Build it once per training run (the replicas are made here, from the model as it is
+    now: trainable flags and LoRA/adapter modules included)."""
+
+    def __init__(self, model, threads: int):
+        if isinstance(threads, bool) or not isinstance(threads, (int, numpy.integer)) or threads < 1:
+            raise ValueError(f"threads must be an int >= 1; got {threads!r}")
+        self.model = model
+        self.threads = int(threads)
+        shared = {id(p.data): p.data for p in model.parameters()}          # the weights are not copied
+        self.replicas = [model] + [copy.deepcopy(model, dict(shared)) for _ in range(self.threads - 1)]
+        self._pairs = [list(zip(model.parameters(), r.parameters())) for r in self.replicas[1:]]
+        self._generators = [list(zip(_generators(model), _generators(r))) for r in self.replicas[1:]]
+        self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        self._blas = _blas_controller() if self.threads > 1 else None
+
+    def forward_backward(self, idx, targets, ignore_index=None) -> float:
+        """idx, targets: (B, T). Accumulates the gradient of the batch's mean loss into the model; returns the loss."""
+        if self._pool is None:
+            loss, dlogits = cross_entropy(self.model.forward(idx), targets, ignore_index)
+            self.model.backward(dlogits)
+            return loss
+        B = idx.shape[0]
+        bounds = numpy.linspace(0, B, min(self.threads, B) + 1).astype(int)
+        slices = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        counted = [self._counted(targets[s], ignore_index) for s in slices]
+        total = sum(counted)
+        if total == 0:
+            raise ValueError("every target equals ignore_index: the mean cross-entropy over no tokens is undefined")
+        for replica, generators in zip(self.replicas[1:], self._generators):
+            replica.train(self.model.training)
+            for own, theirs in generators:          # fresh streams each step, drawn from the model's generators
+                theirs.bit_generator.state = backend.rng(int(own.integers(2**62))).bit_generator.state
+
+        def run(k):
+            if counted[k] == 0:
+                return 0.0
+            replica = self.replicas[k]
+            loss, dlogits = cross_entropy(replica.forward(idx[slices[k]]), targets[slices[k]], ignore_index)
+            dlogits *= counted[k] / total          # the slice's share of the batch mean
+            replica.backward(dlogits)
+            return loss * counted[k] / total
+
+        if self._blas is None:
+            losses = list(self._pool.map(run, range(len(slices))))
+        else:
+            with self._blas.limit(limits=1, user_api="blas"):
+                losses = list(self._pool.map(run, range(len(slices))))
+        for pairs in self._pairs:                  # model.grad += replica.grad
+            for own, theirs in pairs:
+                if theirs.grad is not None:
+                    own.accumulate_grad(theirs.grad)
+                    theirs.grad = None
+        return float(sum(losses))
+
+    @staticmethod
+    def _counted(targets, ignore_index) -> int:
+        return int(targets.size if ignore_index is None else (targets != ignore_index).sum())
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
