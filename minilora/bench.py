@@ -67,8 +67,15 @@ def minilora_step(config, B, seed=0, lora=None, threads=None):
     return step
 
 
+def _torch_device(torch):
+    """PyTorch runs where minilora runs: CUDA when the backend is CuPy (and torch has CUDA), else the CPU.
+    (Each step ends with loss.item(), which waits for the GPU, so the timings need no other synchronisation.)"""
+    return "cuda" if backend.current_backend() == "cupy" and torch.cuda.is_available() else "cpu"
+
+
 def torch_step(config, B, seed=0, threads=None):
-    """A closure running the same step in PyTorch eager (transformers GPT2LMHeadModel + torch AdamW)."""
+    """A closure running the same step in PyTorch eager (transformers GPT2LMHeadModel + torch AdamW), on CUDA
+    when minilora's backend is CuPy."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -79,11 +86,12 @@ def torch_step(config, B, seed=0, threads=None):
                     n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
                     bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(hf).train()
+    device = _torch_device(torch)
+    model = GPT2LMHeadModel(hf).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
-    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
+    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
 
     def step():
         logits = model(idx).logits
@@ -114,10 +122,12 @@ def torch_lora_step(config, B, seed=0, threads=None, r=4, alpha=8):
                     bos_token_id=0, eos_token_id=0)
     model = get_peft_model(GPT2LMHeadModel(hf), LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"],
                                                            fan_in_fan_out=True, lora_dropout=0.0)).train()
+    device = _torch_device(torch)
+    model = model.to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
-    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g)
+    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
+    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
 
     def step():
         logits = model(input_ids=idx).logits
