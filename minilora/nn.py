@@ -54,12 +54,12 @@ class Module:
 
     # -- discovery ------------------------------------------------------------------------------------
     def _named_children(self):
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):     # a copy: a forward during the walk adds _cache
             if not name.startswith("_") and isinstance(value, Module):
                 yield name, value
 
     def _direct_parameters(self):
-        for name, value in vars(self).items():
+        for name, value in list(vars(self).items()):
             if not name.startswith("_") and isinstance(value, Parameter):
                 yield name, value
 
