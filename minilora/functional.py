@@ -254,7 +254,7 @@ def attention_backward(dy, cache):
     datt = dropout_backward(datt, drop_cache)                 # fwd: att_drop = dropout(att)
     # fwd: att = softmax(scores): dscores = att * (datt - sum_j datt_j att_j). Masked entries have att = 0,
     # so they get no gradient, as the constant mask deserves.
-    row_dot = (datt * att).sum(axis=-1, keepdims=True)       # (B, H, T, 1)
+    row_dot = xp.einsum("bhts,bhts->bht", datt, att)[..., None]   # (B, H, T, 1) sum_j datt_j att_j
     datt -= row_dot
     dscores = datt
     dscores *= att

@@ -221,12 +221,13 @@ def method_layer_checks(seed=0, shapes=((2, 3, 8), (1, 1, 6), (2, 5, 12))):
                 dict(q=_f64(rng, B, T, C), k=_f64(rng, B, T, C), v=_f64(rng, B, T, C), prefix_k=_f64(rng, P, C),
                      prefix_v=_f64(rng, P, C)), seed)
         r = 2
-        results += check_layer(
-            f"lora {tag} r={r}",
-            lambda x, W, b, A, B_: lora_forward(x, W, b, A, B_, 1.5),
-            lambda d, c: dict(zip(("x", "A", "B_", "W", "b"), lora_backward(d, c, weight_grad=True, bias_grad=True))),
-            dict(x=_f64(rng, B, T, C), W=_f64(rng, C, C + 1), b=_f64(rng, C + 1), A=_f64(rng, r, C),
-                 B_=_f64(rng, C + 1, r)), seed)
+        for p in (0.0, 0.3):          # without dropout the adapter is folded into the frozen product
+            results += check_layer(
+                f"lora {tag} r={r}" + (f" dropout {p}" if p else ""),
+                lambda x, W, b, A, B_, p=p: lora_forward(x, W, b, A, B_, 1.5, p, backend.rng(seed) if p else None),
+                lambda d, c: dict(zip(("x", "A", "B_", "W", "b"), lora_backward(d, c, weight_grad=True, bias_grad=True))),
+                dict(x=_f64(rng, B, T, C), W=_f64(rng, C, C + 1), b=_f64(rng, C + 1), A=_f64(rng, r, C),
+                     B_=_f64(rng, C + 1, r)), seed)
     P, C, hidden = 3, 8, 5
     results += check_layer(
         f"prefix MLP (P={P},C={C},hidden={hidden})",

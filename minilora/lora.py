@@ -40,11 +40,22 @@ def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
     x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r).
     Returns y: (..., out) and the cache.
     """
+    if not dropout_p:
+        # Without dropout the adapter can ride inside the frozen product, since x W + s (x A^T) B^T =
+        # x (W + s A^T B^T): forming the (in, out) sum costs in*out*r multiplies, far fewer than the extra
+        # passes over the (N, out) output that the two-step form makes (the same numbers up to rounding;
+        # with B = 0 it is exactly x W + b).
+        W_adapted = A.T @ B.T                                 # (in, out) the update, before scaling
+        W_adapted *= scale
+        W_adapted += W
+        y, base_cache = F.linear_forward(x, W_adapted, b)     # (..., out)
+        return y, (base_cache, x, None, None, A, B, scale)
     y, base_cache = F.linear_forward(x, W, b)                 # (..., out) the frozen path
     xd, drop_cache = F.dropout_forward(x, dropout_p, rng)     # dropout acts on the adapter's input only
     h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r) down-projection
+    h *= scale                                                # scaled here: (N, r) numbers, not (N, out)
     y2 = y.reshape(-1, y.shape[-1])
-    y2 += scale * (h @ B.T)                                   # (N, out) up-projection, scaled
+    y2 += h @ B.T                                             # (N, out) up-projection
     return y, (base_cache, xd, drop_cache, h, A, B, scale)
 
 
@@ -54,14 +65,18 @@ def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
     Returns dx: (..., in), dA: (r, in), dB: (out, r), dW (None unless weight_grad), db (None unless bias_grad).
     """
     base_cache, xd, drop_cache, h, A, B, scale = cache
-    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)  # fwd: y = x W + b
+    folded = h is None
+    # fwd: y = x W + b (folded: W + s A^T B^T, so this dx already carries the adapter's path too)
+    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)
     dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
-    dB = (dy2.T @ h) * scale                                  # fwd: y += scale * h B^T
-    dh = (dy2 @ B) * scale                                    # fwd: y += scale * h B^T      (N, r)
-    xd2 = xd.reshape(-1, xd.shape[-1])
-    dA = dh.T @ xd2                                           # fwd: h = xd A^T
-    dxd = (dh @ A).reshape(dx.shape)                          # fwd: h = xd A^T
-    dx += F.dropout_backward(dxd, drop_cache)                 # fwd: xd = dropout(x)
+    xd2 = xd.reshape(-1, xd.shape[-1])                        # (N, in)
+    if folded:
+        h = (xd2 @ A.T) * scale                               # (N, r): the folded forward never formed it
+    dB = dy2.T @ h                                            # fwd: y += (s h) B^T          (out, r)
+    dh = (dy2 @ B) * scale                                    # fwd: y += s h B^T            (N, r)
+    dA = dh.T @ xd2                                           # fwd: h = xd A^T              (r, in)
+    if not folded:
+        dx += F.dropout_backward((dh @ A).reshape(dx.shape), drop_cache)   # fwd: h = dropout(x) A^T
     return dx, dA, dB, dW, db
 
 

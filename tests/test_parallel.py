@@ -20,8 +20,8 @@ def assert_same_gradients(grads1, grads2):
         assert float(np.abs(grads1[name] - grads2[name]).max()) <= 1e-12 * scale, name
 
 
-def grads_and_loss(model, idx, targets, threads, ignore_index=None):
-    step = ParallelStep(model, threads)
+def grads_and_loss(model, idx, targets, threads, ignore_index=None, slice_tokens="auto"):
+    step = ParallelStep(model, threads, slice_tokens)
     loss = step.forward_backward(idx, targets, ignore_index)
     step.close()
     grads = {n: p.grad.copy() for n, p in model.named_parameters() if p.grad is not None}
@@ -63,6 +63,19 @@ def test_uneven_ignored_targets_and_tiny_batches():
     assert_same_gradients(grads3, grads4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cache_sized_slices_give_the_whole_batch_gradient(threads):
+    model = ml.GPT(ml.GPTConfig(**CFG), seed=0, dtype="float64")
+    randomize_parameters(model, seed=3)
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, 13, size=(6, 7))
+    targets = rng.integers(0, 13, size=(6, 7))
+    loss1, grads1 = grads_and_loss(model, idx, targets, 1, slice_tokens=None)
+    loss2, grads2 = grads_and_loss(model, idx, targets, threads, slice_tokens=10)    # 5 slices of 1-2 sequences
+    assert abs(loss1 - loss2) < 1e-12
+    assert_same_gradients(grads1, grads2)
+
+
 def test_training_with_threads_is_reproducible_with_dropout():
     ids = np.random.default_rng(0).integers(0, 13, size=500).astype(np.uint8)
     runs = []
@@ -92,4 +105,6 @@ def test_bad_thread_counts():
             ParallelStep(model, bad)
         with pytest.raises(ValueError, match="threads"):
             TrainConfig(threads=bad)
+        with pytest.raises(ValueError, match="slice_tokens"):
+            ParallelStep(model, 1, bad)
     assert 1 <= default_threads(8) <= 8 and default_threads(1) == 1
