@@ -46,6 +46,23 @@ def _time(fn, steps, warmup):
     return statistics.median(times)
 
 
+def _time_pair(fn_a, fn_b, steps, warmup):
+    """Median seconds of fn_a and of fn_b, the two taking turns (a, b, a, b, ...): both see the same machine
+    state (clock speed, other load), so their ratio is steadier than two separate measurements."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(steps):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            backend.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            backend.synchronize()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times_a), statistics.median(times_b)
+
+
 def minilora_step(config, B, seed=0, lora=None, threads=None):
     """A closure running one minilora training step on random tokens (with LoRA adapters if ``lora``), as
     ``train.fit`` runs it: split over ``threads`` data-parallel threads (None: every core, see parallel.py)."""
@@ -185,7 +202,7 @@ class BenchResult:
     minilora_gflops: float
     torch_step_s: float | None = None
     torch_tokens_per_s: float | None = None
-    ratio: float | None = None          # minilora time / torch time: <= 1.0 means as fast as PyTorch
+    ratio: float | None = None          # minilora time / torch time, the two taking turns: <= 1.0 means as fast
     lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv
     lora_ratio: float | None = None     # LoRA step / full fine-tuning step: goal <= 0.75
     torch_lora_step_s: float | None = None   # PEFT LoRA r=4 on c_attn
@@ -202,25 +219,24 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
     config = config or GPTConfig()
     threads = threads or os.cpu_count()
     tokens = batch_size * config.block_size
-    ours = _time(minilora_step(config, batch_size, threads=threads), steps, warmup)
+    ours_threads = threads if backend.current_backend() == "numpy" else 1     # a GPU needs no CPU threads
+    ours_step = minilora_step(config, batch_size, threads=ours_threads)
+    lora_step = minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8), threads=ours_threads)
+    ours, lora = _time_pair(ours_step, lora_step, steps, warmup)
     flops = step_flops(config, batch_size, config.block_size)
     result = BenchResult(config.to_dict(), batch_size, threads, backend.current_backend(), ours, tokens / ours,
                          flops / ours / 1e9)
+    result.lora_step_s, result.lora_ratio = lora, lora / ours
     if with_torch:
         try:
-            theirs = _time(torch_step(config, batch_size, threads=threads), steps, warmup)
-            result.torch_step_s, result.torch_tokens_per_s, result.ratio = theirs, tokens / theirs, ours / theirs
+            ours_again, theirs = _time_pair(ours_step, torch_step(config, batch_size, threads=threads), steps, warmup)
+            result.torch_step_s, result.torch_tokens_per_s = theirs, tokens / theirs
+            result.ratio = ours_again / theirs
+            lora_again, theirs_lora = _time_pair(lora_step, torch_lora_step(config, batch_size, threads=threads),
+                                                 steps, warmup)
+            result.torch_lora_step_s, result.lora_torch_ratio = theirs_lora, lora_again / theirs_lora
         except ImportError as exc:
             result.torch_note = f"PyTorch reference skipped: {exc} (pip install 'minilora[reference]')"
-    result.lora_step_s = _time(minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8), threads=threads),
-                               steps, warmup)
-    result.lora_ratio = result.lora_step_s / ours
-    if with_torch and result.torch_step_s is not None:
-        try:
-            result.torch_lora_step_s = _time(torch_lora_step(config, batch_size, threads=threads), steps, warmup)
-            result.lora_torch_ratio = result.lora_step_s / result.torch_lora_step_s
-        except ImportError as exc:
-            result.torch_note += f" PEFT LoRA reference skipped: {exc}"
     result.inference_ms, result.inference_ratio = inference_latency(config)
     result.matmul_peak_gflops = matmul_peak_gflops()
     if profile:

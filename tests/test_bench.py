@@ -15,8 +15,8 @@ def test_bench_reports_every_figure():
     assert set(result.inference_ratio["batch 1"]) == {"lora unmerged", "lora merged", "adapters"}
     assert result.matmul_peak_gflops > 0
     assert "linear_forward" in result.breakdown_s and "AdamW.step" in result.breakdown_s
-    if with_torch:
-        assert result.ratio == result.minilora_step_s / result.torch_step_s
+    if with_torch:        # measured taking turns with PyTorch, so not exactly minilora_step_s / torch_step_s
+        assert result.ratio > 0 and result.torch_step_s > 0 and result.lora_torch_ratio > 0
     text = bench.format_result(result)
     assert "LoRA r=4" in text and "inference batch 1" in text
 
