@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 
+import numpy
+
 from .backend import get_array_module, scatter_add
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,9 +236,19 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
     khT = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))   # (B, H, hs, S)
     att = qh @ khT                                 # (B, H, T, S) scores, already divided by sqrt(hs)
     att += _causal_mask(xp, T, S, att.dtype)       # future positions -> -inf
-    att -= att.max(axis=-1, keepdims=True)         # softmax, stabilised (the diagonal is always finite)
-    xp.exp(att, out=att)
-    att *= 1.0 / att.sum(axis=-1, keepdims=True)   # (B, H, T, S) probabilities, rows sum to 1
+    # Softmax, stabilised. Any shift of a row leaves its softmax unchanged; the usual one, the row's max, is
+    # slow to find in NumPy (a reduction along the short last axis), so the row's own diagonal score (query t
+    # against key t, always visible) is subtracted instead. exp then stays <= 1 unless some score exceeds the
+    # diagonal by ~88 (float32 overflow): the sums show it, and only then is the max used.
+    shift = xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)[..., None].copy()   # (B, H, T, 1)
+    with numpy.errstate(over="ignore"):            # an overflow is caught just below
+        probs = xp.exp(att - shift)
+    sums = probs.sum(axis=-1, keepdims=True)       # >= 1: the diagonal contributes exp(0)
+    if not bool(xp.isfinite(sums).all()):
+        probs = xp.exp(att - att.max(axis=-1, keepdims=True))
+        sums = probs.sum(axis=-1, keepdims=True)
+    att = probs
+    att *= 1.0 / sums                              # (B, H, T, S) probabilities, rows sum to 1
     att_drop, drop_cache = dropout_forward(att, dropout_p, rng)
     yh = att_drop @ vh                             # (B, H, T, hs)
     y = yh.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C) heads side by side
