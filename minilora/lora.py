@@ -59,15 +59,17 @@ def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
     return y, (base_cache, xd, drop_cache, h, A, B, scale)
 
 
-def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
+def lora_backward(dy, cache, weight_grad=False, bias_grad=False, input_grad=True):
     """Gradients of lora_forward. dy: (..., out).
 
-    Returns dx: (..., in), dA: (r, in), dB: (out, r), dW (None unless weight_grad), db (None unless bias_grad).
+    Returns dx: (..., in) (None unless input_grad), dA: (r, in), dB: (out, r), dW (None unless weight_grad),
+    db (None unless bias_grad).
     """
     base_cache, xd, drop_cache, h, A, B, scale = cache
     folded = h is None
     # fwd: y = x W + b (folded: W + s A^T B^T, so this dx already carries the adapter's path too)
-    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)
+    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad,
+                                   input_grad=input_grad)
     dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
     xd2 = xd.reshape(-1, xd.shape[-1])                        # (N, in)
     if folded:
@@ -75,7 +77,7 @@ def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
     dB = dy2.T @ h                                            # fwd: y += (s h) B^T          (out, r)
     dh = (dy2 @ B) * scale                                    # fwd: y += s h B^T            (N, r)
     dA = dh.T @ xd2                                           # fwd: h = xd A^T              (r, in)
-    if not folded:
+    if input_grad and not folded:
         dx += F.dropout_backward((dh @ A).reshape(dx.shape), drop_cache)   # fwd: h = dropout(x) A^T
     return dx, dA, dB, dW, db
 
@@ -147,13 +149,14 @@ class LoRALinear(Linear):
                                       self.lora_A.data, self.lora_B.data, self.scale, p, self._dropout_rng)
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, input_grad: bool = True):
         if self.merged:
             raise RuntimeError("cannot backpropagate through a merged LoRA layer: unmerge_lora(model) before training")
         if self.disabled:
-            return super().backward(dy)
+            return super().backward(dy, input_grad)
         dx, dA, dB, dW, db = lora_backward(dy, self._pop_cache(), weight_grad=self.weight.trainable,
-                                           bias_grad=self.bias is not None and self.bias.trainable)
+                                           bias_grad=self.bias is not None and self.bias.trainable,
+                                           input_grad=input_grad)
         self.lora_A.accumulate_grad(dA)
         self.lora_B.accumulate_grad(dB)
         if dW is not None:

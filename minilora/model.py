@@ -134,8 +134,13 @@ class GPT(Module):
         if dWt is not None:
             wte.accumulate_grad(backend.get_array_module(dWt).ascontiguousarray(dWt.T))
         dx = self.ln_f.backward(dx)
-        for block in reversed(self.h._items):
-            dx = block.backward(dx)
+        # below the lowest block only the embeddings need dx: when they are frozen (LoRA and most other
+        # methods) the lowest block skips its input gradient, as autograd does for what needs no gradient
+        embeddings_train = any(p.trainable for p in self.wte.parameters() + self.wpe.parameters())
+        for i in reversed(range(len(self.h))):
+            dx = self.h[i].backward(dx, input_grad=i > 0 or embeddings_train)
+        if dx is None:
+            return
         dx = self.drop.backward(dx)
         # fwd: x = wte[idx] + wpe[arange(T)]; wpe's rows were shared by the batch, so their gradient sums over it
         self.wpe.backward(dx.sum(axis=0))

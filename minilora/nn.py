@@ -197,12 +197,13 @@ class Linear(Module):
         y, self._cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
         return y
 
-    def backward(self, dy):
-        """dy: (..., out) -> dx: (..., in); W's product is skipped when W is frozen."""
+    def backward(self, dy, input_grad: bool = True):
+        """dy: (..., out) -> dx: (..., in) (None if not input_grad); W's product is skipped when W is frozen."""
         dx, dW, db = F.linear_backward(
             dy, self._pop_cache(),
             weight_grad=self.weight.trainable,
             bias_grad=self.bias is not None and self.bias.trainable,
+            input_grad=input_grad,
         )
         if dW is not None:
             self.weight.accumulate_grad(dW)
@@ -242,8 +243,11 @@ class LayerNorm(Module):
         out, self._cache = F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
         trainable = self.weight.trainable or self.bias.trainable
+        if not (trainable or input_grad):
+            self._pop_cache()
+            return None
         dx, dw, db = F.layernorm_backward(dout, self._pop_cache(), param_grad=trainable)
         if trainable:
             self.weight.accumulate_grad(dw)
@@ -307,12 +311,22 @@ class CausalSelfAttention(Module):
         y, self._cache = F.attention_forward(q, k, v, self.n_head, p, self._rng)
         return self.resid_drop.forward(self.o_proj.forward(y))
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
+        """dout: (B, T, C) -> dx (None if not input_grad: only the projections' own gradients are made)."""
         dy = self.o_proj.backward(self.resid_drop.backward(dout))
         dq, dk, dv = F.attention_backward(dy, self._pop_cache())
-        dx = self.q_proj.backward(dq)
-        dx += self.k_proj.backward(dk)
-        dx += self.v_proj.backward(dv)
+        return self._projections_backward(dq, dk, dv, input_grad)
+
+    def _projections_backward(self, dq, dk, dv, input_grad):
+        """dx = dq Wq^T + dk Wk^T + dv Wv^T (fwd: q, k, v = x Wq, x Wk, x Wv), after each projection has taken
+        its own gradients; None when the input needs no gradient."""
+        dx = self.q_proj.backward(dq, input_grad)
+        dx_k = self.k_proj.backward(dk, input_grad)
+        dx_v = self.v_proj.backward(dv, input_grad)
+        if not input_grad:
+            return None
+        dx += dx_k
+        dx += dx_v
         return dx
 
 
@@ -334,11 +348,17 @@ class Block(Module):
         out += h                                 # out = h + mlp(ln_2(h))
         return out
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
+        """dout: (B, T, C) -> dx, or None when not input_grad (the lowest block of a model whose embeddings
+        are frozen: nothing below needs dx, so its last matrix products are skipped, as autograd would)."""
         # fwd: out = h + mlp(ln_2(h)); the residual passes dout through unchanged
         dh = self.ln_2.backward(self.mlp.backward(dout))
         dh += dout
-        # fwd: h = x + attn(ln_1(x))
-        dx = self.ln_1.backward(self.attn.backward(dh))
+        # fwd: h = x + attn(ln_1(x)); ln_1's own parameters need the attention's dx even when x needs none
+        ln_trains = self.ln_1.weight.trainable or self.ln_1.bias.trainable
+        da = self.attn.backward(dh, input_grad or ln_trains)
+        dx = self.ln_1.backward(da, input_grad) if da is not None else None
+        if not input_grad:
+            return None
         dx += dh
         return dx

@@ -191,7 +191,7 @@ class PrefixAttention(CausalSelfAttention):
         self._cache = (attention_cache, encoder_cache)
         return self.resid_drop.forward(self.o_proj.forward(y))
 
-    def backward(self, dout):
+    def backward(self, dout, input_grad: bool = True):
         attention_cache, encoder_cache = self._pop_cache()
         dy = self.o_proj.backward(self.resid_drop.backward(dout))
         dq, dk, dv, dprefix_k, dprefix_v = prefix_attention_backward(dy, attention_cache)
@@ -201,10 +201,7 @@ class PrefixAttention(CausalSelfAttention):
         else:
             self.prefix_keys.accumulate_grad(dprefix_k)
             self.prefix_values.accumulate_grad(dprefix_v)
-        dx = self.q_proj.backward(dq)
-        dx += self.k_proj.backward(dk)
-        dx += self.v_proj.backward(dv)
-        return dx
+        return self._projections_backward(dq, dk, dv, input_grad)
 
 
 # ----------------------------------------------------------------------------------------------------
