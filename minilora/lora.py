@@ -34,13 +34,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 # the math: a forward/backward pair
 
 
-def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
+def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, fold=True):
     """y = x W + b + scale * (dropout(x) A^T) B^T.
 
-    x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r).
-    Returns y: (..., out) and the cache.
+    x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r). fold: without dropout, compute
+    it as one product with W + s A^T B^T (faster; ``fold=False`` always takes the two-step path the formula
+    reads as). Returns y: (..., out) and the cache.
     """
-    if not dropout_p:
+    if fold and not dropout_p:
         # Without dropout the adapter can ride inside the frozen product, since x W + s (x A^T) B^T =
         # x (W + s A^T B^T): forming the (in, out) sum costs in*out*r multiplies, far fewer than the extra
         # passes over the (N, out) output that the two-step form makes (the same numbers up to rounding;
@@ -53,9 +54,8 @@ def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
     y, base_cache = F.linear_forward(x, W, b)                 # (..., out) the frozen path
     xd, drop_cache = F.dropout_forward(x, dropout_p, rng)     # dropout acts on the adapter's input only
     h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r) down-projection
-    h *= scale                                                # scaled here: (N, r) numbers, not (N, out)
     y2 = y.reshape(-1, y.shape[-1])
-    y2 += h @ B.T                                             # (N, out) up-projection
+    y2 += (h * scale) @ B.T                                   # (N, out) up-projection (scaling the (N, r) side)
     return y, (base_cache, xd, drop_cache, h, A, B, scale)
 
 
@@ -73,8 +73,8 @@ def lora_backward(dy, cache, weight_grad=False, bias_grad=False, input_grad=True
     dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
     xd2 = xd.reshape(-1, xd.shape[-1])                        # (N, in)
     if folded:
-        h = (xd2 @ A.T) * scale                               # (N, r): the folded forward never formed it
-    dB = dy2.T @ h                                            # fwd: y += (s h) B^T          (out, r)
+        h = xd2 @ A.T                                         # (N, r): the folded forward never formed it
+    dB = (dy2.T @ h) * scale                                  # fwd: y += s h B^T            (out, r)
     dh = (dy2 @ B) * scale                                    # fwd: y += s h B^T            (N, r)
     dA = dh.T @ xd2                                           # fwd: h = xd A^T              (r, in)
     if input_grad and not folded:

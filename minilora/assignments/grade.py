@@ -260,6 +260,12 @@ def _lora_name(x_shape, n_out, r, bias, p):
     return f"x {x_shape}, out {n_out}, r={r}, {'with' if bias else 'no'} bias" + (f", dropout {p}" if p else "")
 
 
+def _two_step_lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
+    """minilora's lora_forward as the assignment asks for it: the two-step form (never folded into one
+    product), whose cache holds h = x A^T as the students' backward expects."""
+    return lora.lora_forward(x, W, b, A, B, scale, dropout_p, rng, fold=False)
+
+
 def _lora_forward_cases():
     rng = numpy.random.default_rng(60)
     cases = []
@@ -267,7 +273,7 @@ def _lora_forward_cases():
         x, W, b, A, B = _lora_inputs(rng, x_shape, n_out, r, bias)
         scale = 1.5
         name = _lora_name(x_shape, n_out, r, bias, p)
-        y, cache = lora.lora_forward(x, W, b, A, B, scale, p, numpy.random.default_rng(61))
+        y, cache = _two_step_lora_forward(x, W, b, A, B, scale, p, numpy.random.default_rng(61))
         dy = _randn(rng, *y.shape)
         labels = ("dx", "dA", "dB", "dW", "db")
         want_grads = lora.lora_backward(dy, cache, weight_grad=True, bias_grad=True)
@@ -303,7 +309,7 @@ def _lora_backward_cases():
         name = _lora_name(x_shape, n_out, r, bias, p) + f", weight_grad={weight_grad}, bias_grad={bias_grad}"
 
         def forward(x, W, b, A, B, p=p):
-            return lora.lora_forward(x, W, b, A, B, 0.75, p, numpy.random.default_rng(71))
+            return _two_step_lora_forward(x, W, b, A, B, 0.75, p, numpy.random.default_rng(71))
 
         cases.append(_backward_case(name, forward, (x, W, b, A, B), lora.lora_backward,
                                     ("dx", "dA", "dB", "dW", "db"), 72, weight_grad=weight_grad, bias_grad=bias_grad))
@@ -461,7 +467,7 @@ REFERENCES = {
     "layers": {"linear_backward": F.linear_backward, "layernorm_backward": F.layernorm_backward,
                "gelu_backward": F.gelu_backward, "attention_backward": F.attention_backward,
                "softmax_cross_entropy": F.softmax_cross_entropy},
-    "lora_layer": {"lora_forward": lora.lora_forward, "lora_backward": lora.lora_backward,
+    "lora_layer": {"lora_forward": _two_step_lora_forward, "lora_backward": lora.lora_backward,
                    "merge": reference_merge, "unmerge": reference_unmerge},
     "subspace": {"fwht": intrinsic.fwht,
                  "fastfood_project": lambda ff, theta_d: intrinsic.FastfoodProjection.project(ff, theta_d),
