@@ -90,9 +90,9 @@ def _torch_device(torch):
     return "cuda" if backend.current_backend() == "cupy" and torch.cuda.is_available() else "cpu"
 
 
-def torch_step(config, B, seed=0, threads=None):
+def torch_step(config, B, seed=0, threads=None, lora_r=None, lora_alpha=8):
     """A closure running the same step in PyTorch eager (transformers GPT2LMHeadModel + torch AdamW), on CUDA
-    when minilora's backend is CuPy."""
+    when minilora's backend is CuPy; with ``lora_r``, PEFT LoRA of that rank on the attention (c_attn)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -103,44 +103,14 @@ def torch_step(config, B, seed=0, threads=None):
                     n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
                     bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(hf)
+    if lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=["c_attn"],
+                                                 fan_in_fan_out=True, lora_dropout=0.0))
     device = _torch_device(torch)
-    model = GPT2LMHeadModel(hf).train().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
-    targets = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
-
-    def step():
-        logits = model(idx).logits
-        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach().item()
-
-    return step
-
-
-def torch_lora_step(config, B, seed=0, threads=None, r=4, alpha=8):
-    """The PyTorch LoRA step: transformers' GPT-2 with PEFT LoRA r=4 on the attention (c_attn) and torch AdamW.
-
-    GPT-2 joins Wq, Wk, Wv in one c_attn matrix, so PEFT adapts all three (minilora's LoRA step adapts Wq and
-    Wv only): the PEFT side trains 1.5x minilora's adapter numbers, a slightly heavier step."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
-    hf = GPT2Config(vocab_size=config.vocab_size, n_positions=config.block_size, n_embd=config.n_embd,
-                    n_layer=config.n_layer, n_head=config.n_head, activation_function="gelu_new",
-                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=config.layer_norm_epsilon,
-                    bos_token_id=0, eos_token_id=0)
-    model = get_peft_model(GPT2LMHeadModel(hf), LoraConfig(r=r, lora_alpha=alpha, target_modules=["c_attn"],
-                                                           fan_in_fan_out=True, lora_dropout=0.0)).train()
-    device = _torch_device(torch)
-    model = model.to(device)
+    model = model.train().to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, config.vocab_size, (B, config.block_size), generator=g).to(device)
@@ -155,6 +125,12 @@ def torch_lora_step(config, B, seed=0, threads=None, r=4, alpha=8):
         return loss.detach().item()
 
     return step
+
+
+def torch_lora_step(config, B, seed=0, threads=None, r=4, alpha=8):
+    """The PyTorch LoRA step: PEFT LoRA r=4 on GPT-2's c_attn. GPT-2 joins Wq, Wk, Wv in that one matrix, so
+    PEFT adapts all three (minilora's LoRA step adapts Wq and Wv): 1.5x minilora's adapter numbers."""
+    return torch_step(config, B, seed, threads, lora_r=r, lora_alpha=alpha)
 
 
 def matmul_peak_gflops(n=1024, repeats=5, dtype="float32") -> float:
