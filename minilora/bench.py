@@ -46,20 +46,24 @@ def _time(fn, steps, warmup):
     return statistics.median(times)
 
 
-def _time_pair(fn_a, fn_b, steps, warmup):
-    """Median seconds of fn_a and of fn_b, the two taking turns (a, b, a, b, ...): both see the same machine
-    state (clock speed, other load), so their ratio is steadier than two separate measurements."""
+def _time_pair(fn_a, fn_b, steps, warmup, block=2):
+    """Median seconds of fn_a and of fn_b, timed in alternating blocks (a a a, b b b, a a a, ...): both see the
+    same machine state (clock speed, other load), so their ratio is steadier than two separate measurements.
+    The first call of each block is not timed: it would pay for the other side's worker threads, which keep
+    spinning for a while after their last call (PyTorch's OpenMP pool does)."""
     for _ in range(warmup):
         fn_a()
         fn_b()
     times_a, times_b = [], []
-    for _ in range(steps):
+    for _ in range(max(1, -(-steps // block))):
         for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            backend.synchronize()
-            t0 = time.perf_counter()
             fn()
-            backend.synchronize()
-            times.append(time.perf_counter() - t0)
+            for _ in range(block):
+                backend.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                backend.synchronize()
+                times.append(time.perf_counter() - t0)
     return statistics.median(times_a), statistics.median(times_b)
 
 
