@@ -15,7 +15,6 @@ from minilora.prefix import (
     apply_prefix,
     apply_prompt,
     bake_prefix,
-    prefix_modules,
     virtual_tokens,
 )
 from minilora.tasks import IGNORE, accuracy, classification_batch, load_task, train_classifier

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy
 
-from .. import backend
 from ..data import get_batch
 from ..files import save_safetensors, write_bytes_atomic, write_json
 from ..finetune import paired_forward_latency
