@@ -194,11 +194,21 @@ class Linear(Module):
 
     def forward(self, x):
         """x: (..., in) -> (..., out)."""
-        y, self._cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+        y, cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
+        if not self.weight.trainable:
+            # A frozen W needs no dW = x^T dy, and dx = dy W^T needs only x's shape: keep a stand-in of that
+            # shape that holds none of x's memory (this is most of what PEFT saves in activation memory).
+            xp = backend.get_array_module(x)
+            cache = (xp.broadcast_to(xp.zeros((), dtype=x.dtype), x.shape), *cache[1:])
+        self._cache = cache
+        self._weight_trainable_at_forward = self.weight.trainable
         return y
 
     def backward(self, dy, input_grad: bool = True):
         """dy: (..., out) -> dx: (..., in) (None if not input_grad); W's product is skipped when W is frozen."""
+        if self.weight.trainable and not self.__dict__.get("_weight_trainable_at_forward", True):
+            raise RuntimeError("this Linear's weight was frozen during the forward (its input was not kept) and is "
+                               "trainable now: run the forward again after changing what trains")
         dx, dW, db = F.linear_backward(
             dy, self._pop_cache(),
             weight_grad=self.weight.trainable,
