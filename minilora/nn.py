@@ -184,6 +184,15 @@ def ones(shape, dtype):
     return backend.xp().ones(shape, dtype=dtype)
 
 
+class _InputShape:
+    """Stands in for a linear layer's input in its cache when only the input's shape is needed."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
 class Linear(Module):
     """y = x @ W + b with W stored (in, out). Weight init N(0, std^2), bias zero."""
 
@@ -196,10 +205,9 @@ class Linear(Module):
         """x: (..., in) -> (..., out)."""
         y, cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
         if not self.weight.trainable:
-            # A frozen W needs no dW = x^T dy, and dx = dy W^T needs only x's shape: keep a stand-in of that
-            # shape that holds none of x's memory (this is most of what PEFT saves in activation memory).
-            xp = backend.get_array_module(x)
-            cache = (xp.broadcast_to(xp.zeros((), dtype=x.dtype), x.shape), *cache[1:])
+            # A frozen W needs no dW = x^T dy, and dx = dy W^T needs only x's shape: keep that instead of x
+            # (this is most of what PEFT saves in activation memory).
+            cache = (_InputShape(x.shape), *cache[1:])
         self._cache = cache
         self._weight_trainable_at_forward = self.weight.trainable
         return y
