@@ -119,7 +119,8 @@ def layernorm_backward(dout, cache, param_grad=True):
     mean_dxhat_xhat = (dout_xhat @ w)[:, None] * (1.0 / C)         # (N, 1)
     dx = rows * w
     dx -= mean_dxhat
-    dx -= xhat_rows * mean_dxhat_xhat
+    xp = get_array_module(dout)
+    dx -= xp.multiply(xhat_rows, mean_dxhat_xhat, out=dout_xhat)   # reuses dout * xhat's memory, no longer needed
     dx *= rstd.reshape(-1, 1)
     return dx.reshape(dout.shape), dw, db
 
@@ -138,10 +139,9 @@ def gelu_forward(x):
     """
     xp = get_array_module(x)
     inner = x * x                        # x^2
-    inner *= _GELU_C
-    inner += 1.0
-    inner *= x
-    inner *= _GELU_K                     # u = k (x + 0.044715 x^3)
+    inner *= _GELU_C * _GELU_K
+    inner += _GELU_K
+    inner *= x                           # u = k (x + 0.044715 x^3) = x (k + 0.044715 k x^2)
     t = xp.tanh(inner, out=inner)        # t = tanh(u)
     out = t + 1.0
     out *= x
