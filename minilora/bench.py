@@ -33,17 +33,20 @@ def step_flops(config: GPTConfig, B: int, T: int) -> float:
     return 3.0 * forward
 
 
+def _timed(fn) -> float:
+    """Seconds of one call of fn, the GPU's queued work included."""
+    backend.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    backend.synchronize()
+    return time.perf_counter() - t0
+
+
 def _time(fn, steps, warmup):
+    """Median seconds of fn over ``steps`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        backend.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        backend.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(_timed(fn) for _ in range(steps))
 
 
 def _time_pair(fn_a, fn_b, steps, warmup, block=2):
@@ -58,12 +61,7 @@ def _time_pair(fn_a, fn_b, steps, warmup, block=2):
     for _ in range(max(1, -(-steps // block))):
         for fn, times in ((fn_a, times_a), (fn_b, times_b)):
             fn()
-            for _ in range(block):
-                backend.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                backend.synchronize()
-                times.append(time.perf_counter() - t0)
+            times += [_timed(fn) for _ in range(block)]
     return statistics.median(times_a), statistics.median(times_b)
 
 

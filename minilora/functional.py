@@ -102,6 +102,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
 def layernorm_backward(dout, cache, param_grad=True):
     """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,) (None, None if frozen)."""
     xhat, w, rstd = cache
+    xp = get_array_module(dout)
     C = xhat.shape[-1]
     rows, xhat_rows = dout.reshape(-1, C), xhat.reshape(-1, C)     # (N, C)
     dout_xhat = rows * xhat_rows                                   # (N, C)
@@ -119,7 +120,6 @@ def layernorm_backward(dout, cache, param_grad=True):
     mean_dxhat_xhat = (dout_xhat @ w)[:, None] * (1.0 / C)         # (N, 1)
     dx = rows * w
     dx -= mean_dxhat
-    xp = get_array_module(dout)
     dx -= xp.multiply(xhat_rows, mean_dxhat_xhat, out=dout_xhat)   # reuses dout * xhat's memory, no longer needed
     dx *= rstd.reshape(-1, 1)
     return dx.reshape(dout.shape), dw, db
@@ -240,12 +240,13 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
     # slow to find in NumPy (a reduction along the short last axis), so the row's own diagonal score (query t
     # against key t, always visible) is subtracted instead. exp then stays <= 1 unless some score exceeds the
     # diagonal by ~88 (float32 overflow): the sums show it, and only then is the max used.
-    shift = xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)[..., None].copy()   # (B, H, T, 1)
+    probs = att - xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)[..., None]   # (B, H, T, S); att is kept
     with numpy.errstate(over="ignore"):            # an overflow is caught just below
-        probs = xp.exp(att - shift)
+        xp.exp(probs, out=probs)
     sums = probs.sum(axis=-1, keepdims=True)       # >= 1: the diagonal contributes exp(0)
     if not bool(xp.isfinite(sums).all()):
-        probs = xp.exp(att - att.max(axis=-1, keepdims=True))
+        xp.subtract(att, att.max(axis=-1, keepdims=True), out=probs)
+        xp.exp(probs, out=probs)
         sums = probs.sum(axis=-1, keepdims=True)
     att = probs
     att *= 1.0 / sums                              # (B, H, T, S) probabilities, rows sum to 1

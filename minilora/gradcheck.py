@@ -255,7 +255,7 @@ def randomize_parameters(model, seed=0, scale=0.1):
 def gpt_loss_fn(idx, targets, dropout_rng=None):
     """A loss function for ``directional_check``: forward, cross-entropy and (optionally) backward.
 
-    dropout_rng: the model's dropout generator, or a list of generators (``train.dropout_generators(model)``
+    dropout_rng: the model's dropout generator, or a list of generators (``nn.dropout_generators(model)``
     when LoRA layers have their own); their states are rewound before every forward so that each evaluation
     of L(theta) draws the same dropout masks (otherwise L would change with every call).
     """
@@ -320,7 +320,7 @@ def method_model_checks(seed=0):
     from .methods import METHODS, MethodSettings, apply_method
     from .model import GPT, GPTConfig
     from .prefix import PrefixConfig, PromptConfig
-    from .train import dropout_generators
+    from .nn import dropout_generators
 
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
     settings = MethodSettings(lora=LoRAConfig(r=2, alpha=3.0, dropout=0.1), adapters=AdapterConfig(bottleneck=3),

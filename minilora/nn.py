@@ -151,6 +151,18 @@ def freeze_pretrained(model: Module) -> None:
             p.trainable = False
 
 
+def dropout_generators(model: Module) -> list:
+    """Every distinct dropout generator of a model (the GPT's own, LoRA layers'...), in module order."""
+    found, seen = [], set()
+    for _, module in model.named_modules():
+        for attr in ("_dropout_rng", "_rng"):
+            generator = module.__dict__.get(attr)
+            if generator is not None and id(generator) not in seen:
+                seen.add(id(generator))
+                found.append(generator)
+    return found
+
+
 class ModuleList(Module):
     """An ordered list of modules, named "0", "1", ... ."""
 
@@ -209,16 +221,16 @@ class Linear(Module):
             # (this is most of what PEFT saves in activation memory).
             cache = (_InputShape(x.shape), *cache[1:])
         self._cache = cache
-        self._weight_trainable_at_forward = self.weight.trainable
         return y
 
     def backward(self, dy, input_grad: bool = True):
         """dy: (..., out) -> dx: (..., in) (None if not input_grad); W's product is skipped when W is frozen."""
-        if self.weight.trainable and not self.__dict__.get("_weight_trainable_at_forward", True):
+        cache = self._pop_cache()
+        if self.weight.trainable and isinstance(cache[0], _InputShape):
             raise RuntimeError("this Linear's weight was frozen during the forward (its input was not kept) and is "
                                "trainable now: run the forward again after changing what trains")
         dx, dW, db = F.linear_backward(
-            dy, self._pop_cache(),
+            dy, cache,
             weight_grad=self.weight.trainable,
             bias_grad=self.bias is not None and self.bias.trainable,
             input_grad=input_grad,

@@ -28,6 +28,7 @@ import numpy
 
 from . import backend
 from .model import cross_entropy
+from .nn import dropout_generators
 
 
 def default_threads(batch_size: int) -> int:
@@ -35,17 +36,6 @@ def default_threads(batch_size: int) -> int:
     if backend.current_backend() != "numpy":
         return 1
     return max(1, min(os.cpu_count() or 1, batch_size))
-
-
-def _generators(module) -> list:
-    """The distinct random generators a model's modules hold (dropout), in module order."""
-    found, seen = [], set()
-    for _, m in module.named_modules():
-        for value in vars(m).values():
-            if hasattr(value, "bit_generator") and id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-    return found
 
 
 def _blas_controller():
@@ -88,7 +78,7 @@ class ParallelStep:
         shared = {id(p.data): p.data for p in model.parameters()}          # the weights are not copied
         self.replicas = [model] + [copy.deepcopy(model, dict(shared)) for _ in range(self.threads - 1)]
         self._pairs = [list(zip(model.parameters(), r.parameters())) for r in self.replicas[1:]]
-        self._generators = [list(zip(_generators(model), _generators(r))) for r in self.replicas[1:]]
+        self._generators = [list(zip(dropout_generators(model), dropout_generators(r))) for r in self.replicas[1:]]
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
         self._blas = _blas_controller() if self.threads > 1 else None
 

@@ -172,20 +172,21 @@ class PrefixAttention(CausalSelfAttention):
             self.prefix_keys = Parameter(prefix_k)
             self.prefix_values = Parameter(prefix_v)
 
+    def _prefixes_with_cache(self):
+        """-> (prefix_k, prefix_v, the encoder's cache or None), prefixes (P, C)."""
+        if self._encoder is None:
+            return self.prefix_keys.data, self.prefix_values.data, None
+        return self._encoder.layer_forward(self.layer)
+
     def prefixes(self):
         """-> (prefix_k, prefix_v), each (P, C)."""
-        if self._encoder is None:
-            return self.prefix_keys.data, self.prefix_values.data
-        prefix_k, prefix_v, _ = self._encoder.layer_forward(self.layer)
+        prefix_k, prefix_v, _ = self._prefixes_with_cache()
         return prefix_k, prefix_v
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""
         q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)
-        if self._encoder is None:
-            prefix_k, prefix_v, encoder_cache = self.prefix_keys.data, self.prefix_values.data, None
-        else:
-            prefix_k, prefix_v, encoder_cache = self._encoder.layer_forward(self.layer)
+        prefix_k, prefix_v, encoder_cache = self._prefixes_with_cache()
         p = self.attn_dropout if self.training else 0.0
         y, attention_cache = prefix_attention_forward(q, k, v, prefix_k, prefix_v, self.n_head, p, self._rng)
         self._cache = (attention_cache, encoder_cache)

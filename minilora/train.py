@@ -22,6 +22,7 @@ from . import backend
 from .data import get_batch, sequential_batches
 from .files import load_safetensors, save_safetensors, write_json
 from .model import GPT, GPTConfig, cross_entropy
+from .nn import dropout_generators
 from .optim import AdamW, clip_grad_norm, cosine_schedule
 from .parallel import ParallelStep, default_threads
 
@@ -114,18 +115,6 @@ def _rng_state(generator):
     bit_generator = getattr(generator, "bit_generator", None)
     state = getattr(bit_generator, "state", None)
     return state if isinstance(state, dict) else None
-
-
-def dropout_generators(model) -> list:
-    """Every distinct dropout generator of the model (the GPT's own, and LoRA layers'), in module order."""
-    found, seen = [], set()
-    for _, module in model.named_modules():
-        for attr in ("_dropout_rng", "_rng"):
-            generator = module.__dict__.get(attr)
-            if generator is not None and id(generator) not in seen:
-                seen.add(id(generator))
-                found.append(generator)
-    return found
 
 
 def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, meta: dict | None = None) -> Path:

@@ -32,8 +32,8 @@ from minilora.prefix import (
     prefix_mlp_backward,
     prefix_mlp_forward,
 )
+from torch_helpers import TOL, assert_close, leaf, torch_reference
 
-TOL = 1e-9
 
 CONFIG = ml.GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=8)
 LORA_R, LORA_ALPHA, LORA_TARGETS = 2, 4.0, ("q_proj", "v_proj")
@@ -49,35 +49,6 @@ def settings():
         prefix_mlp=PrefixConfig(length=PREFIX_MLP_LEN, reparameterize=True, hidden=PREFIX_HIDDEN),
         prompt=PromptConfig(length=PROMPT_LEN),
     )
-
-
-# ----------------------------------------------------------------------------------------------------
-# helpers
-
-
-def leaf(a):
-    """A float64 torch leaf tensor holding a copy of the array ``a``, with requires_grad."""
-    return torch.tensor(backend.to_numpy(a), dtype=torch.float64, requires_grad=True)
-
-
-def np_of(a):
-    return backend.to_numpy(a)
-
-
-def torch_reference(fn, inputs, dout):
-    """Run ``fn(*tensors)`` in torch autograd and differentiate (out * dout).sum(). Returns (out, grads)."""
-    tensors = [leaf(a) for a in inputs]
-    out = fn(*tensors)
-    (out * torch.from_numpy(dout)).sum().backward()
-    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
-
-
-def assert_close(ours, theirs, what):
-    assert ours is not None, f"{what}: minilora returned no gradient"
-    ours = np_of(ours)
-    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != torch {theirs.shape}"
-    err = rel_error(ours, theirs)
-    assert err <= TOL, f"{what}: relative error {err:.3e} against torch exceeds {TOL:.0e}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,7 +223,7 @@ def compare_method(method, T=7, B=2, seed=0):
     assert trainable == want, (f"{method}: trainable set wrong: should train but frozen {sorted(want - trainable)}, "
                                f"should be frozen but trains {sorted(trainable - want)}")
     for n in added_names(method, cfg):
-        assert float(numpy.abs(np_of(params[n].data)).max()) > 0, f"{method}: {n} is still zero after randomising"
+        assert float(numpy.abs(backend.to_numpy(params[n].data)).max()) > 0, f"{method}: {n} is still zero after randomising"
 
     rng = numpy.random.default_rng(seed + 2)
     idx = rng.integers(0, cfg.vocab_size, size=(B, T))
@@ -268,7 +239,7 @@ def compare_method(method, T=7, B=2, seed=0):
     ref_loss.backward()
 
     errors = {}
-    assert np_of(logits).shape == tuple(ref_logits.shape), \
+    assert backend.to_numpy(logits).shape == tuple(ref_logits.shape), \
         f"{method}: logits shape {logits.shape} != torch {tuple(ref_logits.shape)}"
     errors["logits"] = rel_error(logits, ref_logits.detach().numpy())
     errors["loss"] = rel_error(numpy.array(loss), numpy.array(ref_loss.item()))
@@ -279,7 +250,7 @@ def compare_method(method, T=7, B=2, seed=0):
         assert p.grad is not None, f"{method}: trainable parameter {n} got no gradient in minilora"
         g = W[n].grad
         assert g is not None, f"{method}: torch found {n} unused by the adapted model"
-        assert np_of(p.grad).shape == tuple(g.shape), f"{method}: {n}.grad shape {p.grad.shape} != {tuple(g.shape)}"
+        assert backend.to_numpy(p.grad).shape == tuple(g.shape), f"{method}: {n}.grad shape {p.grad.shape} != {tuple(g.shape)}"
         errors[f"grad {n}"] = rel_error(p.grad, g.numpy())
     # Without prefix keys the key bias adds q.b_k to every score of a query's row, which softmax ignores: its
     # gradient is exactly zero, and both sides hold float64 rounding noise (~1e-17) that rel_error's 1e-8 floor
@@ -290,7 +261,7 @@ def compare_method(method, T=7, B=2, seed=0):
         if key in errors and not prefix_keys(method):
             joint = [f"h.{l}.attn.{t}.bias" for t in ("q_proj", "k_proj", "v_proj")]
             assert all(params[n].trainable for n in joint), f"{method}: expected q, k, v biases to train together"
-            errors[key] = rel_error(numpy.concatenate([np_of(params[n].grad) for n in joint]),
+            errors[key] = rel_error(numpy.concatenate([backend.to_numpy(params[n].grad) for n in joint]),
                                     numpy.concatenate([W[n].grad.numpy() for n in joint]))
     return errors
 

@@ -13,9 +13,8 @@ torch = pytest.importorskip("torch", reason="the PyTorch reference tests need to
 TF = torch.nn.functional
 
 from minilora import functional as F  # noqa: E402
-from minilora.gradcheck import rel_error  # noqa: E402
+from torch_helpers import assert_close, leaf, torch_reference  # noqa: E402
 
-TOL = 1e-9
 
 # (B, T, C, H): T = 1, one head, and C not a power of two (head sizes 6, 4, 3 ...)
 SHAPES = [(2, 5, 12, 3), (1, 1, 18, 3), (3, 4, 8, 1), (1, 1, 6, 1), (2, 7, 18, 6), (2, 6, 16, 4)]
@@ -28,29 +27,6 @@ SHAPE_IDS = [f"B{b}-T{t}-C{c}-H{h}" for b, t, c, h in SHAPES]
 
 def randn(rng, *shape, scale=1.0, shift=0.0):
     return rng.standard_normal(shape) * scale + shift
-
-
-def leaf(a):
-    """A float64 torch leaf tensor holding a copy of the NumPy array ``a``, with requires_grad."""
-    return torch.tensor(a, dtype=torch.float64, requires_grad=True)
-
-
-def torch_reference(fn, inputs, dout):
-    """Run ``fn(*tensors)`` in torch autograd and differentiate fakeloss = (out * dout).sum().
-
-    inputs: NumPy arrays, made into leaf tensors. Returns (out, [gradient of each input]) as NumPy arrays.
-    """
-    tensors = [leaf(a) for a in inputs]
-    out = fn(*tensors)
-    (out * torch.from_numpy(dout)).sum().backward()
-    return out.detach().numpy(), [t.grad.numpy() for t in tensors]
-
-
-def assert_close(ours, theirs, what):
-    assert ours is not None, f"{what}: minilora returned no gradient"
-    assert ours.shape == theirs.shape, f"{what}: shape {ours.shape} != torch {theirs.shape}"
-    err = rel_error(ours, theirs)
-    assert err <= TOL, f"{what}: relative error {err:.3e} against torch exceeds {TOL:.0e}"
 
 
 def assert_all_close(ours: dict, theirs: dict):
