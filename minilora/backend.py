@@ -128,6 +128,27 @@ def rng(seed):
     return _state["xp"].random.default_rng(int(seed))
 
 
+def generator_state(generator):
+    """A snapshot of a random generator's state, to rewind it later with ``set_generator_state``.
+
+    NumPy: the bit generator's state dict. CuPy: a device copy of the generator's cuRAND states (CuPy has no
+    public state API; its bit generator keeps one state per GPU thread in the int8 array ``_state``).
+    """
+    bit_generator = generator.bit_generator
+    if isinstance(bit_generator, numpy.random.BitGenerator):
+        return bit_generator.state
+    return bit_generator._state.copy()
+
+
+def set_generator_state(generator, state) -> None:
+    """Rewind (or advance) ``generator`` to a state taken by ``generator_state`` from a generator of its kind."""
+    bit_generator = generator.bit_generator
+    if isinstance(bit_generator, numpy.random.BitGenerator):
+        bit_generator.state = state
+    else:
+        bit_generator._state[...] = state
+
+
 def scatter_add(target, indices, values) -> None:
     """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place."""
     module = get_array_module(target)

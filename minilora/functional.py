@@ -237,14 +237,17 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
     att = qh @ khT                                 # (B, H, T, S) scores, already divided by sqrt(hs)
     att += _causal_mask(xp, T, S, att.dtype)       # future positions -> -inf
     # Softmax, stabilised. Any shift of a row leaves its softmax unchanged; the usual one, the row's max, is
-    # slow to find in NumPy (a reduction along the short last axis), so the row's own diagonal score (query t
-    # against key t, always visible) is subtracted instead. exp then stays <= 1 unless some score exceeds the
-    # diagonal by ~88 (float32 overflow): the sums show it, and only then is the max used.
-    probs = att - xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)[..., None]   # (B, H, T, S); att is kept
+    # slow to find in NumPy (a reduction along the short last axis), so on the CPU the row's own diagonal score
+    # (query t against key t, always visible) is subtracted instead. exp then stays <= 1 unless some score
+    # exceeds the diagonal by ~88 (float32 overflow): the sums show it, and only then is the max used. On a GPU
+    # the max is one fast reduction, and checking the sums would make the CPU wait for the GPU.
+    on_cpu = xp is numpy
+    shift = xp.diagonal(att, offset=S - T, axis1=-2, axis2=-1)[..., None] if on_cpu else att.max(axis=-1, keepdims=True)
+    probs = att - shift                            # (B, H, T, S); att is kept
     with numpy.errstate(over="ignore"):            # an overflow is caught just below
         xp.exp(probs, out=probs)
-    sums = probs.sum(axis=-1, keepdims=True)       # >= 1: the diagonal contributes exp(0)
-    if not bool(xp.isfinite(sums).all()):
+    sums = probs.sum(axis=-1, keepdims=True)       # >= 1: the shift's own entry contributes exp(0)
+    if on_cpu and not bool(xp.isfinite(sums).all()):
         xp.subtract(att, att.max(axis=-1, keepdims=True), out=probs)
         xp.exp(probs, out=probs)
         sums = probs.sum(axis=-1, keepdims=True)

@@ -263,11 +263,11 @@ def gpt_loss_fn(idx, targets, dropout_rng=None):
 
     generators = [] if dropout_rng is None else list(dropout_rng) if isinstance(dropout_rng, (list, tuple)) \
         else [dropout_rng]
-    starts = [g.bit_generator.state for g in generators]
+    starts = [backend.generator_state(g) for g in generators]
 
     def run(model, backward=True):
         for g, state in zip(generators, starts):
-            g.bit_generator.state = state
+            backend.set_generator_state(g, state)
         logits = model.forward(idx)
         loss, dlogits = cross_entropy(logits, targets)
         if backward:

@@ -100,7 +100,7 @@ class ParallelStep:
         for replica, generators in zip(self.replicas[1:], self._generators):
             replica.train(self.model.training)
             for own, theirs in generators:          # fresh streams each step, drawn from the model's generators
-                theirs.bit_generator.state = backend.rng(int(own.integers(2**62))).bit_generator.state
+                backend.set_generator_state(theirs, backend.generator_state(backend.rng(int(own.integers(2**62)))))
 
         def run(thread):
             replica, loss = self.replicas[thread], 0.0
