@@ -149,8 +149,13 @@ def set_generator_state(generator, state) -> None:
         bit_generator._state[...] = state
 
 
+ONE_HOT_LIMIT = 2**24      # on the GPU, scatter_add uses a one-hot matrix of up to this many elements
+
+
 def scatter_add(target, indices, values) -> None:
-    """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place."""
+    """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place.
+
+    target: (V, ...); indices: (N,) integers in [0, V); values: (N, ...)."""
     module = get_array_module(target)
     if module is numpy:
         # numpy.add.at is correct but slow; sorting the indices and summing each run of equal ones
@@ -161,10 +166,25 @@ def scatter_add(target, indices, values) -> None:
         sorted_indices = indices[order]
         starts = numpy.flatnonzero(numpy.r_[True, sorted_indices[1:] != sorted_indices[:-1]])
         target[sorted_indices[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
-    else:
-        import cupyx  # CuPy's companion package; reached only when the arrays already live on the GPU
+    elif len(indices) * target.shape[0] <= ONE_HOT_LIMIT:
+        # On the GPU: target += onehot(indices)^T @ values, one matrix product. The usual scatter-add (atomic
+        # additions) sums each row's values in whatever order the threads arrive, so the result would change
+        # in the last bits from run to run; the product gives the same bits every time.
+        module = _state["xp"] if _state["name"] == "cupy" else _import_cupy()
+        onehot = (indices[:, None] == module.arange(target.shape[0])[None, :]).astype(values.dtype)  # (N, V)
+        target += (onehot.T @ values.reshape(len(indices), -1)).reshape(target.shape)
+    else:                                    # a large table: atomic additions (fast, not bit-reproducible)
+        module = _state["xp"] if _state["name"] == "cupy" else _import_cupy()
+        module.add.at(target, indices, values)
 
-        cupyx.scatter_add(target, indices, values)
+
+def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str):
+    """One GPU kernel for a per-element formula (a CuPy ``ElementwiseKernel``, compiled on its first call).
+
+    in_params / out_params: "T g, float64 lr" / "T p, T m" (T: the arrays' dtype); operation: the CUDA C
+    statement(s) for one element. Only for code that runs on CuPy arrays: a NumPy caller has no use for it.
+    """
+    return _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)
 
 
 def synchronize() -> None:

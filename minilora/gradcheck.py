@@ -85,7 +85,7 @@ def check_layer(name, forward, backward, inputs: dict, seed=0, h=1e-5, threshold
     Returns a list of CheckResult, one per checked input.
     """
     out, cache = forward(**inputs)
-    dout = backend.asarray(numpy.random.default_rng(seed).standard_normal(out.shape))
+    dout = backend.get_array_module(out).asarray(numpy.random.default_rng(seed).standard_normal(out.shape))
     analytic = backward(dout, cache)
     results = []
     for key, value in inputs.items():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+import numpy
+
 from . import backend
 from .nn import Parameter
 
@@ -55,6 +57,19 @@ class SGD:
             p.grad = None
 
 
+# AdamW's update of one parameter as a single GPU kernel: the formula of AdamW.step's array code, per element.
+# On a GPU the array code costs eleven kernel launches per parameter; at minilora's sizes each launch (some
+# microseconds of Python and driver work) costs more than its arithmetic, and the optimizer took 9 of the
+# CuPy step's 25 ms. With one launch per parameter it takes under 2 ms.
+_ADAMW_ELEMENT = """
+    p = p * (T)decay;                                                   // p -= lr * weight_decay * p
+    m = (T)b1 * m + (T)(1.0 - b1) * g;                                  // m = b1 m + (1 - b1) g
+    v = (T)b2 * v + (T)(1.0 - b2) * (g * g);                            // v = b2 v + (1 - b2) g^2
+    p = p - (T)step_size * (m / (sqrt(v) * (T)inv_bias2_sqrt + (T)eps));
+"""
+_adamw_kernel = []     # built on first use on CuPy
+
+
 class AdamW:
     """Adam with decoupled weight decay (Loshchilov and Hutter), as torch.optim.AdamW.
 
@@ -92,8 +107,16 @@ class AdamW:
                 self.m[i] = xp.zeros_like(p.data)
                 self.v[i] = xp.zeros_like(p.data)
             m, v, g = self.m[i], self.v[i], p.grad
-            if p.decay and self.weight_decay:
-                p.data *= 1.0 - self.lr * self.weight_decay     # decoupled: not part of the gradient
+            decay = 1.0 - self.lr * self.weight_decay if p.decay else 1.0
+            if xp is not numpy:                                  # the GPU: the same update as one kernel
+                if not _adamw_kernel:
+                    _adamw_kernel.append(backend.elementwise_kernel(
+                        "T g, float64 decay, float64 b1, float64 b2, float64 step_size, float64 inv_bias2_sqrt, "
+                        "float64 eps", "T p, T m, T v", _ADAMW_ELEMENT, "minilora_adamw"))
+                _adamw_kernel[0](g, decay, b1, b2, step_size, 1.0 / bias2_sqrt, self.eps, p.data, m, v)
+                continue
+            if decay != 1.0:
+                p.data *= decay                                  # decoupled: not part of the gradient
             m *= b1
             m += (1.0 - b1) * g
             v *= b2

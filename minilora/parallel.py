@@ -76,7 +76,11 @@ class ParallelStep:
         self.threads = int(threads)
         self.slice_tokens = slice_tokens
         shared = {id(p.data): p.data for p in model.parameters()}          # the weights are not copied
-        self.replicas = [model] + [copy.deepcopy(model, dict(shared)) for _ in range(self.threads - 1)]
+
+        def memo():   # each replica gets new dropout generators (reseeded every step; CuPy's cannot be copied)
+            return {**shared, **{id(g): backend.rng(0) for g in dropout_generators(model)}}
+
+        self.replicas = [model] + [copy.deepcopy(model, memo()) for _ in range(self.threads - 1)]
         self._pairs = [list(zip(model.parameters(), r.parameters())) for r in self.replicas[1:]]
         self._generators = [list(zip(dropout_generators(model), dropout_generators(r))) for r in self.replicas[1:]]
         self._pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None

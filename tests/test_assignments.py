@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minilora import functional as F
-from minilora import gradcheck, intrinsic
+from minilora import backend, gradcheck, intrinsic
 from minilora.assignments import (
     ASSIGNMENTS,
     build_student,
@@ -21,6 +21,13 @@ from minilora.assignments import (
 )
 from minilora.assignments.cli import main
 from minilora.assignments.grade import ITEMS, reference_subspace_loss_and_grad
+
+
+@pytest.fixture(autouse=True)
+def numpy_backend():
+    """The assignments are NumPy code (students write NumPy): they are built, run and graded on the host."""
+    with backend.backend("numpy"):
+        yield
 
 
 def points(name):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minilora import data, tokenizer
+from minilora import backend, data, tokenizer
 
 
 def test_vocabulary_is_fixed():
@@ -68,7 +68,7 @@ def test_unknown_corpus_is_a_clear_error():
 
 def test_batches_are_windows_with_targets_shifted_by_one():
     ids = np.arange(1000)          # every value unique, so a window's first id is its position
-    idx, targets = data.get_batch(ids, 5, 16, np.random.default_rng(0))
+    idx, targets = map(backend.to_numpy, data.get_batch(ids, 5, 16, np.random.default_rng(0)))
     assert idx.shape == targets.shape == (5, 16) and idx.dtype == np.int64
     for row, tgt in zip(idx, targets):
         start = int(row[0])
@@ -92,7 +92,7 @@ def test_batch_from_too_short_a_text_is_a_clear_error():
 
 def test_sequential_batches_cover_every_window_once():
     ids = np.arange(1000)
-    batches = list(data.sequential_batches(ids, 4, 10))
+    batches = [tuple(map(backend.to_numpy, b)) for b in data.sequential_batches(ids, 4, 10)]
     idx = np.concatenate([b[0] for b in batches])
     assert idx.shape == (99, 10)
     assert np.array_equal(idx.reshape(-1), ids[:990])

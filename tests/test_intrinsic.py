@@ -4,7 +4,7 @@ import numpy
 import pytest
 
 import minilora
-from minilora import intrinsic
+from minilora import backend, intrinsic
 from minilora.data import encode, toy_text
 from minilora.gradcheck import THRESHOLD, directional_check, gpt_loss_fn, numerical_gradient, randomize_parameters, rel_error
 from minilora.intrinsic import SubspaceModel, fwht, make_projection
@@ -151,9 +151,9 @@ def test_subspace_model_directional_gradient(kind, said):
     idx, targets = batch(1)
     wrapped = SubspaceModel(tiny_gpt(), 9, projection=kind, said=said, seed=2)
     rng = numpy.random.default_rng(3)
-    wrapped.theta_d.data[...] = 0.3 * rng.standard_normal(9)
+    wrapped.theta_d.data[...] = backend.asarray(0.3 * rng.standard_normal(9))
     if said:
-        wrapped.lambdas.data[...] = 1.0 + 0.5 * rng.standard_normal(wrapped.lambdas.size)
+        wrapped.lambdas.data[...] = backend.asarray(1.0 + 0.5 * rng.standard_normal(wrapped.lambdas.size))
     for seed in range(2):
         check = directional_check(wrapped, gpt_loss_fn(idx, targets), seed=seed)
         assert check.rel_error <= THRESHOLD, check
@@ -164,8 +164,8 @@ def test_subspace_model_elementwise_gradient(kind):
     idx, targets = batch(2)
     wrapped = SubspaceModel(tiny_gpt(), 4, projection=kind, said=True, seed=4)
     rng = numpy.random.default_rng(5)
-    wrapped.theta_d.data[...] = 0.3 * rng.standard_normal(4)
-    wrapped.lambdas.data[...] = 1.0 + 0.5 * rng.standard_normal(wrapped.lambdas.size)
+    wrapped.theta_d.data[...] = backend.asarray(0.3 * rng.standard_normal(4))
+    wrapped.lambdas.data[...] = backend.asarray(1.0 + 0.5 * rng.standard_normal(wrapped.lambdas.size))
     loss_fn = gpt_loss_fn(idx, targets)
     wrapped.zero_grad()
     loss_fn(wrapped)

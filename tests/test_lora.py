@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from helpers import dev, host
 from minilora import gradcheck as gc
 from minilora import lora, train
 
@@ -23,8 +24,8 @@ def base_and_adapted(config=None, seed=1, **model_kwargs):
 def randomize_adapters(model, seed=2, scale=0.3):
     rng = np.random.default_rng(seed)
     for _, m in lora.lora_modules(model):
-        m.lora_A.data[...] = rng.standard_normal(m.lora_A.shape) * scale
-        m.lora_B.data[...] = rng.standard_normal(m.lora_B.shape) * scale
+        m.lora_A.data[...] = dev(rng.standard_normal(m.lora_A.shape) * scale)
+        m.lora_B.data[...] = dev(rng.standard_normal(m.lora_B.shape) * scale)
 
 
 def tokens(seed=0, shape=(2, 8)):

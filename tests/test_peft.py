@@ -19,8 +19,8 @@ def adapted_model(config, seed=0):
     ml.apply_lora(model, config, seed=seed)
     rng = np.random.default_rng(seed + 10)
     for _, m in lora.lora_modules(model):          # non-zero A and B: B = 0 would hide any mistake
-        m.lora_A.data[...] = rng.standard_normal(m.lora_A.shape) * 0.3
-        m.lora_B.data[...] = rng.standard_normal(m.lora_B.shape) * 0.3
+        m.lora_A.data[...] = ml.backend.asarray(rng.standard_normal(m.lora_A.shape) * 0.3)
+        m.lora_B.data[...] = ml.backend.asarray(rng.standard_normal(m.lora_B.shape) * 0.3)
     return model
 
 

@@ -33,7 +33,7 @@ echo "== 5. the whole suite on the CuPy backend"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 BUDGET=${CHECK_SECONDS:-560}                 # the suite gets what is left of the whole check's time
 MINILORA_BACKEND=cupy OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 timeout $(( BUDGET - SECONDS > 60 ? BUDGET - SECONDS : 60 )) $PY -m pytest -q -p no:cacheprovider \
-    $XDIST --tb=line -rfE --ignore=tests/test_notebooks.py --ignore=tests/gpu tests 2>&1 | tee "$OUT/suite_cupy.log" | tail -40
+    $XDIST --tb=short -rfE -W ignore::DeprecationWarning --ignore=tests/test_notebooks.py --ignore=tests/gpu tests 2>&1 | tee "$OUT/suite_cupy.log" | tail -40
 $PY - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]
