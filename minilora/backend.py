@@ -178,13 +178,21 @@ def scatter_add(target, indices, values) -> None:
         module.add.at(target, indices, values)
 
 
+_kernels = {}
+
+
 def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str):
-    """One GPU kernel for a per-element formula (a CuPy ``ElementwiseKernel``, compiled on its first call).
+    """One GPU kernel for a per-element formula: a CuPy ``ElementwiseKernel``, made once per name and compiled
+    on its first call. Called with arrays (and scalars) it returns the output array(s).
 
     in_params / out_params: "T g, float64 lr" / "T p, T m" (T: the arrays' dtype); operation: the CUDA C
     statement(s) for one element. Only for code that runs on CuPy arrays: a NumPy caller has no use for it.
+    Why: at minilora's sizes a GPU step is bound by kernel launches (each costs microseconds of Python and
+    driver work), so a formula of ten array operations costs ten launches where one kernel costs one.
     """
-    return _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)
+    if name not in _kernels:
+        _kernels[name] = _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)
+    return _kernels[name]
 
 
 def synchronize() -> None:

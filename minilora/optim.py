@@ -67,7 +67,6 @@ _ADAMW_ELEMENT = """
     v = (T)b2 * v + (T)(1.0 - b2) * (g * g);                            // v = b2 v + (1 - b2) g^2
     p = p - (T)step_size * (m / (sqrt(v) * (T)inv_bias2_sqrt + (T)eps));
 """
-_adamw_kernel = []     # built on first use on CuPy
 
 
 class AdamW:
@@ -109,11 +108,10 @@ class AdamW:
             m, v, g = self.m[i], self.v[i], p.grad
             decay = 1.0 - self.lr * self.weight_decay if p.decay else 1.0
             if xp is not numpy:                                  # the GPU: the same update as one kernel
-                if not _adamw_kernel:
-                    _adamw_kernel.append(backend.elementwise_kernel(
-                        "T g, float64 decay, float64 b1, float64 b2, float64 step_size, float64 inv_bias2_sqrt, "
-                        "float64 eps", "T p, T m, T v", _ADAMW_ELEMENT, "minilora_adamw"))
-                _adamw_kernel[0](g, decay, b1, b2, step_size, 1.0 / bias2_sqrt, self.eps, p.data, m, v)
+                kernel = backend.elementwise_kernel(
+                    "T g, float64 decay, float64 b1, float64 b2, float64 step_size, float64 inv_bias2_sqrt, "
+                    "float64 eps", "T p, T m, T v", _ADAMW_ELEMENT, "minilora_adamw")
+                kernel(g, decay, b1, b2, step_size, 1.0 / bias2_sqrt, self.eps, p.data, m, v)
                 continue
             if decay != 1.0:
                 p.data *= decay                                  # decoupled: not part of the gradient
