@@ -73,7 +73,8 @@ class ParallelStep:
                                          or slice_tokens < 1):
             raise ValueError(f"slice_tokens must be None or an int >= 1; got {slice_tokens!r}")
         self.model = model
-        self.threads = int(threads)
+        on_gpu = any(backend.get_array_module(p.data) is not numpy for p in model.parameters())
+        self.threads = 1 if on_gpu else int(threads)      # a GPU runs each operation in parallel already
         self.slice_tokens = slice_tokens
         shared = {id(p.data): p.data for p in model.parameters()}          # the weights are not copied
 

@@ -18,5 +18,12 @@ def _session_backend():
     backend.use_backend(SESSION_BACKEND)
 
 
+@pytest.fixture
+def on_numpy():
+    """For tests of NumPy-side math (they build host arrays): run on NumPy whatever the session's backend."""
+    with backend.backend("numpy"):
+        yield
+
+
 def pytest_report_header(config):
     return f"minilora backend: {SESSION_BACKEND}"

@@ -54,6 +54,7 @@ def test_fwht_leaves_its_input_alone_and_rejects_other_lengths():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("D,d", [(37, 5), (64, 8), (1000, 10), (300, 300)])
+@pytest.mark.usefixtures("on_numpy")
 def test_adjoint_identity(kind, D, d):
     P = make_projection(kind, D, d, seed=3)
     rng = numpy.random.default_rng(0)
@@ -65,11 +66,13 @@ def test_adjoint_identity(kind, D, d):
 
 
 @pytest.mark.parametrize("kind", ["dense", "sparse"])
+@pytest.mark.usefixtures("on_numpy")
 def test_dense_and_sparse_columns_have_unit_norm(kind):
     M = explicit(make_projection(kind, 400, 12, seed=1))
     numpy.testing.assert_allclose(numpy.linalg.norm(M, axis=0), 1.0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("on_numpy")
 def test_fastfood_columns_unit_norm_exactly_when_n_divides_D_and_on_average_otherwise():
     M = explicit(make_projection("fastfood", 64, 8, seed=1))          # n = 8 divides 64
     numpy.testing.assert_allclose(numpy.linalg.norm(M, axis=0), 1.0, atol=1e-12)
@@ -78,6 +81,7 @@ def test_fastfood_columns_unit_norm_exactly_when_n_divides_D_and_on_average_othe
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.usefixtures("on_numpy")
 def test_transpose_is_the_transpose_of_the_explicit_matrix(kind):
     P = make_projection(kind, 50, 6, seed=2)
     M = explicit(P)
@@ -88,6 +92,7 @@ def test_transpose_is_the_transpose_of_the_explicit_matrix(kind):
         numpy.testing.assert_allclose(P.project(x), M @ x, atol=1e-12)
 
 
+@pytest.mark.usefixtures("on_numpy")
 def test_fastfood_is_the_product_of_its_factors():
     P = make_projection("fastfood", 16, 4, seed=5)                     # n = 4, m = 4 blocks
     n = P.n

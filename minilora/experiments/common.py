@@ -23,6 +23,16 @@ from ..train import TrainConfig, evaluate
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
+def on_the_host(run):
+    """Run a study on NumPy whatever the selected backend: for the small host-array studies (the intrinsic-
+    dimension toy, MLP and projection-cost studies build their data with NumPy and time the CPU)."""
+    @functools.wraps(run)
+    def wrapped(*args, **kwargs):
+        with backend.backend("numpy"):
+            return run(*args, **kwargs)
+    return wrapped
+
+
 @dataclass
 class RunSettings:
     steps: int = 100

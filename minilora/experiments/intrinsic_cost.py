@@ -27,6 +27,7 @@ import numpy
 from ..intrinsic import make_projection
 from ..model import GPT, GPTConfig
 from ..pretrained import pretrained_info
+from .common import on_the_host
 
 KINDS = ("dense", "sparse", "fastfood")
 DENSE_BUDGET = 1 << 30         # bytes: a dense P above this is not built in this study (time and memory)
@@ -61,6 +62,7 @@ def time_pair(P, repeats: int, seed: int = 0) -> float:
     return statistics.median(times)
 
 
+@on_the_host
 def run(fast: bool = False, seed: int = 0) -> CostResult:
     D = tiny_gpt_parameters()
     ds = [10, 40] if fast else [10, 30, 100, 300, 1000, 3000, 10000]

@@ -114,6 +114,7 @@ class MLPResult:
     seed: int = 0
 
 
+@common.on_the_host
 def run(fast: bool = False, seed: int = 0) -> MLPResult:
     hidden, n_train, n_val, steps = (16, 1000, 500, 40) if fast else (64, 4000, 2000, 300)
     ds = [10, 100] if fast else [10, 100, 300, 1000, 3000]

@@ -34,6 +34,7 @@ import math
 import numpy
 
 from ..intrinsic import make_projection
+from .common import on_the_host
 
 D, GROUPS = 1000, 10
 SOLVED = 1e-6                  # relative loss below which a d counts as solving the problem
@@ -93,6 +94,7 @@ def train_adam(P, A, t, theta0, steps: int, lr: float = LR):
     return theta_d
 
 
+@on_the_host
 def run(fast: bool = False, seed: int = 0) -> ToyResult:
     ds = list(range(1, 13)) if fast else list(range(1, 21)) + [30, 50, 100, 300, 1000]
     steps = 200 if fast else 500
