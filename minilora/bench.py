@@ -6,6 +6,7 @@ run; torch and transformers are imported only here, only when asked for, and nev
 from __future__ import annotations
 
 import cProfile
+import gc
 import os
 import pstats
 import statistics
@@ -34,12 +35,19 @@ def step_flops(config: GPTConfig, B: int, T: int) -> float:
 
 
 def _timed(fn) -> float:
-    """Seconds of one call of fn, the GPU's queued work included."""
+    """Seconds of one call of fn, the GPU's queued work included. Python's garbage collector is paused during
+    the call, as timeit does: a collection set off by objects the other side of a pair made would land here."""
     backend.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    backend.synchronize()
-    return time.perf_counter() - t0
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        fn()
+        backend.synchronize()
+        return time.perf_counter() - t0
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _time(fn, steps, warmup):

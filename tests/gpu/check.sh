@@ -46,6 +46,13 @@ print(f"\nCuPy step {gpu['minilora_step_s'] * 1e3:.2f} ms; NumPy step on 2 cores
 if gpu.get("ratio"):
     print(f"CuPy / PyTorch CUDA eager: {gpu['ratio']:.2f} (goal <= 1.5); LoRA: CuPy / PEFT {gpu['lora_torch_ratio']:.2f}; "
           f"LoRA / full on CuPy {gpu['lora_ratio']:.2f}")
+try:
+    prof = json.load(open(f"{out}/profile_step.json"))
+    ours, lora, theirs = (prof[k]["step"]["gpu_ms"] for k in ("minilora_full", "minilora_lora", "torch"))
+    print(f"measured apart (cupyx.profiler.benchmark, GPU time): minilora {ours:.2f} ms, LoRA {lora:.2f} ms, "
+          f"PyTorch CUDA eager {theirs:.2f} ms: ratio {ours / theirs:.2f}, LoRA / full {lora / ours:.2f}")
+except (OSError, KeyError) as exc:
+    print(f"no profile_step.json: {exc}")
 if cpu.get("ratio"):
     print(f"NumPy / PyTorch CPU eager, 2 threads on this machine: {cpu['ratio']:.2f}; LoRA / full {cpu['lora_ratio']:.2f}")
 PY
