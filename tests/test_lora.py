@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
-from helpers import dev, host
+from helpers import dev
 from minilora import gradcheck as gc
 from minilora import lora, train
 
