@@ -8,7 +8,8 @@
 #   4. CuPy against NumPy: gradient checks on the GPU, the model and every method, training, merge, files,
 #      generation (tests/gpu/);
 #   5. the whole test suite with MINILORA_BACKEND=cupy.
-# Logs and JSON go to ${OUT:-gpu-check}/; the last lines printed are the summary.
+# JSON, the scaling plot and the two pytest logs go to ${OUT:-gpu-check}/ (7 files); everything else is printed,
+# the summary last. With the device tool: CHECK_SECONDS=400 bash tests/gpu/check.sh > $OUT/check.log 2>&1
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu-check}"
@@ -20,13 +21,12 @@ $PY -c "import cupy, numpy; print('CuPy', cupy.__version__, 'NumPy', numpy.__ver
 $PY -c "import torch, transformers, peft; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)"
 
 echo "== 1. the benchmark on the GPU (CuPy and PyTorch CUDA eager)"
-MINILORA_BACKEND=cupy timeout 150 $PY -m minilora.cli bench --json "$OUT/bench_cupy.json" --scaling "$OUT" 2>&1 \
-    | tee "$OUT/bench_cupy.log"
+MINILORA_BACKEND=cupy timeout 150 $PY -m minilora.cli bench --json "$OUT/bench_cupy.json" --scaling "$OUT" 2>&1
 echo "== 2. the NumPy step on 2 cores of this machine"
 OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 timeout 100 taskset -c 0,1 \
-    $PY -m minilora.cli bench --threads 2 --no-profile --json "$OUT/bench_numpy.json" 2>&1 | tee "$OUT/bench_numpy.log"
+    $PY -m minilora.cli bench --threads 2 --no-profile --json "$OUT/bench_numpy.json" 2>&1
 echo "== 3. host time against device time"
-timeout 90 $PY tests/gpu/profile_step.py "$OUT/profile_step.json" 2>&1 | tee "$OUT/profile_step.log"
+timeout 90 $PY tests/gpu/profile_step.py "$OUT/profile_step.json" 2>&1
 echo "== 4. CuPy parity tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE tests/gpu 2>&1 | tee "$OUT/parity.log" | tail -15
 echo "== 5. the whole suite on the CuPy backend"
