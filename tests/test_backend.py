@@ -1,5 +1,6 @@
 """Backend selection, dtype policy, seeding and atomic file writes."""
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -246,3 +247,35 @@ def test_a_failed_save_leaves_the_old_file_intact(tmp_path, monkeypatch, kind, f
         save(path, bad)
     assert path.read_bytes() == old
     assert listing(tmp_path) == [name]        # the temporary file was removed
+
+
+# ----------------------------------------------------------------------------------------------------
+# generator states, scatter-add, GPU kernels
+
+
+def test_generator_state_rewinds_a_generator():
+    g = backend.rng(3)
+    state = backend.generator_state(g)
+    first = g.random(5)
+    assert not np.array_equal(first, g.random(5))
+    backend.set_generator_state(g, state)
+    assert np.array_equal(first, g.random(5))
+
+
+@pytest.mark.parametrize("shape", [(7,), (7, 3)])
+def test_scatter_add_accumulates_repeated_indices(shape):
+    rng = np.random.default_rng(0)
+    indices = rng.integers(0, shape[0], size=40)
+    values = rng.standard_normal((40, *shape[1:]))
+    target, expected = np.ones(shape), np.ones(shape)
+    backend.scatter_add(target, indices, values)
+    np.add.at(expected, indices, values)
+    assert np.allclose(target, expected, rtol=1e-13, atol=1e-13)
+    backend.scatter_add(target, indices[:0], values[:0])          # nothing to add: unchanged
+    assert np.allclose(target, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_gpu_kernels_need_cupy(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ValueError, match="CuPy"):
+        backend.elementwise_kernel("T x", "T y", "y = x;", "minilora_test_copy")
