@@ -78,8 +78,8 @@ class ParallelStep:
         self.slice_tokens = slice_tokens
         shared = {id(p.data): p.data for p in model.parameters()}          # the weights are not copied
 
-        def memo():   # each replica gets new dropout generators (reseeded every step; CuPy's cannot be copied)
-            return {**shared, **{id(g): backend.rng(0) for g in dropout_generators(model)}}
+        def memo():   # each replica gets new dropout generators (reseeded every step); replicas are CPU-only
+            return {**shared, **{id(g): numpy.random.default_rng(0) for g in dropout_generators(model)}}
 
         self.replicas = [model] + [copy.deepcopy(model, memo()) for _ in range(self.threads - 1)]
         self._pairs = [list(zip(model.parameters(), r.parameters())) for r in self.replicas[1:]]
@@ -105,7 +105,7 @@ class ParallelStep:
         for replica, generators in zip(self.replicas[1:], self._generators):
             replica.train(self.model.training)
             for own, theirs in generators:          # fresh streams each step, drawn from the model's generators
-                backend.set_generator_state(theirs, backend.generator_state(backend.rng(int(own.integers(2**62)))))
+                theirs.bit_generator.state = numpy.random.default_rng(int(own.integers(2**62))).bit_generator.state
 
         def run(thread):
             replica, loss = self.replicas[thread], 0.0
