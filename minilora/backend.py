@@ -170,11 +170,9 @@ def scatter_add(target, indices, values) -> None:
         # On the GPU: target += onehot(indices)^T @ values, one matrix product. The usual scatter-add (atomic
         # additions) sums each row's values in whatever order the threads arrive, so the result would change
         # in the last bits from run to run; the product gives the same bits every time.
-        module = _state["xp"] if _state["name"] == "cupy" else _import_cupy()
         onehot = (indices[:, None] == module.arange(target.shape[0])[None, :]).astype(values.dtype)  # (N, V)
         target += (onehot.T @ values.reshape(len(indices), -1)).reshape(target.shape)
     else:                                    # a large table: atomic additions (fast, not bit-reproducible)
-        module = _state["xp"] if _state["name"] == "cupy" else _import_cupy()
         module.add.at(target, indices, values)
 
 

@@ -28,8 +28,14 @@ def _pydoc_text() -> str:
     return "".join(topics[k] for k in sorted(topics))
 
 
+def stdlib_package_dir(package: str) -> str:
+    """Where the running Python keeps a standard-library package's sources (which may be missing: slim or
+    Debian Pythons leave out tkinter, for one)."""
+    return os.path.join(sysconfig.get_paths()["stdlib"], package)
+
+
 def _stdlib_package_text(package: str) -> str:
-    root = os.path.join(sysconfig.get_paths()["stdlib"], package)
+    root = stdlib_package_dir(package)
     if not os.path.isdir(root):
         raise ValueError(f"the standard library's {package!r} package sources are not installed at {root}")
     parts = []

@@ -2,13 +2,13 @@
 gradient checks, starting points, freezing, errors, memory and checkpoints, the classification task and the
 comparison. (Each method against PyTorch autograd: test_methods_torch.py.)"""
 import os
-import sysconfig
 
 import numpy as np
 import pytest
 
 import minilora as ml
 from minilora import gradcheck as gc
+from minilora.data import stdlib_package_dir
 from minilora.adapters import AdapterConfig, adapter_modules, adapter_parameter_count, apply_adapters
 from minilora.lora import LoRAConfig, apply_lora, lora_modules
 from minilora.methods import METHODS, MethodSettings, apply_method, for_inference, method_state, training_memory
@@ -31,7 +31,7 @@ SMALL = MethodSettings(lora=LoRAConfig(r=2, alpha=4.0), adapters=AdapterConfig(b
 # The default classification task reads tkinter's sources; some Python installs (Debian's python3 without
 # python3-tk, slim images) leave the package out.
 needs_tkinter = pytest.mark.skipif(
-    not os.path.isdir(os.path.join(sysconfig.get_paths()["stdlib"], "tkinter")),
+    not os.path.isdir(stdlib_package_dir("tkinter")),
     reason="this Python has no tkinter sources, which the default classification task reads")
 
 

@@ -119,11 +119,9 @@ def findings(result: BudgetResult) -> list:
 
 def summary(result: BudgetResult) -> str:
     """The losses as a text table, best configuration first, then the findings."""
-    n = len(result.seeds)
     head = (f"Fixed budget (paper Table 5): {result.budget:,} trainable parameters per configuration; validation "
-            f"loss on python-email after {result.settings['steps']} steps, mean +- sd over {n} "
-            f"seed{'s' if n > 1 else ''} {result.seeds}")
-    lines = [head, "", "weights" + common.LOSS_TABLE_HEADER[len("weights"):]]
+            f"loss on python-email after {result.settings['steps']} steps, {common.over_seeds(result.seeds)}")
+    lines = [head, "", common.loss_table_header("weights")]
     lines += [common.loss_table_row(row["label"], row["r"], row["trainable"], row["mean"], row["spread"])
               for row in ranking(result)]
     lines.append(common.loss_table_row("pretrained", "-", 0, result.pretrained_loss))

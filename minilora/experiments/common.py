@@ -154,6 +154,16 @@ def lora_over_seeds(label: str, targets, r: int, seeds, settings: RunSettings, e
 LOSS_TABLE_HEADER = f"{'':<14}{'r':>4}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"
 
 
+def loss_table_header(first_column: str) -> str:
+    """The header line of a study's loss table, its first column named ``first_column``."""
+    return first_column + LOSS_TABLE_HEADER[len(first_column):]
+
+
+def over_seeds(seeds) -> str:
+    """"mean +- sd over 3 seeds [0, 1, 2]": how a study's table aggregates its runs."""
+    return f"mean +- sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} {list(seeds)}"
+
+
 def loss_table_row(label: str, r, trainable: int, mean: float, spread: float | None = None) -> str:
     """One line of a study's loss table: label, rank, trainable count, mean +- spread (nats), bits/char."""
     loss = f"{mean:.4f} +- {spread:.4f}" if spread is not None else f"{mean:.4f}".ljust(16)

@@ -133,10 +133,9 @@ def findings(result: RankSweepResult) -> list:
 
 def summary(result: RankSweepResult) -> str:
     """The losses as a text table: one line per (target set, r), then the references and the findings."""
-    n = len(result.seeds)
     head = (f"Rank sweep (paper Table 6): validation loss on python-email after {result.settings['steps']} steps, "
-            f"mean +- sd over {n} seed{'s' if n > 1 else ''} {result.seeds}")
-    lines = [head, "", "targets" + common.LOSS_TABLE_HEADER[len("targets"):]]
+            f"{common.over_seeds(result.seeds)}")
+    lines = [head, "", common.loss_table_header("targets")]
     lines += [common.loss_table_row(label, row["r"], row["trainable"], row["mean"], row["spread"])
               for label in result.target_sets for row in curve(result, label)]
     full = result.full
