@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy
 
-from . import backend
-from .model import GPT, GPTConfig
-from .lora import LoRAConfig, apply_lora, merge_lora
-from .optim import AdamW
-from .parallel import ParallelStep, default_threads
+from .core import backend
+from .core.model import GPT, GPTConfig
+from .core.lora import LoRAConfig, apply_lora, merge_lora
+from .core.optim import AdamW
+from .fast.parallel import ParallelStep, default_threads
 
 
 def step_flops(config: GPTConfig, B: int, T: int) -> float:
@@ -238,7 +238,7 @@ def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20) -> tup
     """Forward time (ms) at each batch size of the base model, LoRA r=4 (Wq, Wv) unmerged and merged, and
     adapters (m=4): medians, each model taking turns with the base; returns ({batch: {name: ms}}, {batch:
     {name: ms / base ms}})."""
-    from .adapters import AdapterConfig, apply_adapters
+    from .core.adapters import AdapterConfig, apply_adapters
     from .finetune import paired_forward_latency
 
     base = GPT(config, seed=0)
@@ -266,7 +266,7 @@ def scaling(base: GPTConfig | None = None, batch_size: int = 8, n_embds=(64, 128
     [[T, bytes], ...]}."""
     from dataclasses import replace
 
-    from .methods import activation_bytes
+    from .core.methods import activation_bytes
 
     base = base or GPTConfig()
     out = {"n_embd": [], "block_size": [], "batch_size": [], "attention_bytes": []}

@@ -5,11 +5,12 @@ import argparse
 import math
 import sys
 
-from . import backend
+from .core import backend
+from .fast.allocator import tune_host_allocator_unless_disabled
 
 
 def _gradcheck(args) -> int:
-    from . import gradcheck
+    from .core import gradcheck
 
     print(f"minilora gradcheck: every layer's hand-written backward against centred differences (float64), "
           f"backend {backend.current_backend()}\n")
@@ -25,21 +26,21 @@ def _gradcheck(args) -> int:
 
 def _bench(args) -> int:
     from . import bench
-    from .model import GPTConfig
+    from .core.model import GPTConfig
 
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     result = bench.run(config, batch_size=args.batch_size, steps=args.steps, with_torch=not args.no_torch,
                        threads=args.threads, profile=not args.no_profile)
     print(bench.format_result(result))
     if args.json:
-        from .files import write_json
+        from .io.files import write_json
 
         write_json(args.json, bench.as_dict(result))
         print(f"\nwrote {args.json}")
     if args.scaling:
         from pathlib import Path
 
-        from .files import write_json
+        from .io.files import write_json
 
         grown = bench.scaling(config)
         out = Path(args.scaling)
@@ -59,8 +60,8 @@ def _pretrain(args) -> int:
     from pathlib import Path
 
     from . import data, train
-    from .model import GPT, GPTConfig
-    from .pretrained import NAME, export_pretrained
+    from .core.model import GPT, GPTConfig
+    from .io.pretrained import NAME, export_pretrained
 
     corpus = data.load_corpus(args.corpus)
     downstream = data.load_corpus(args.downstream) if args.downstream else None
@@ -101,7 +102,7 @@ def _pretrain(args) -> int:
 
 
 def _load_model(checkpoint, dropout=None):
-    from .pretrained import load_pretrained
+    from .io.pretrained import load_pretrained
     from .train import load_checkpoint
 
     if checkpoint is None:
@@ -139,7 +140,7 @@ def _eval(args) -> int:
 def _finetune(args) -> int:
     from . import data, train
     from .finetune import finetune
-    from .lora import LoRAConfig
+    from .core.lora import LoRAConfig
 
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus)
@@ -192,7 +193,7 @@ def _experiment(args) -> int:
     from pathlib import Path
 
     from .experiments import study
-    from .files import write_json
+    from .io.files import write_json
 
     module = study(args.name)
     out = Path(args.out or f"runs/experiments/{args.name}")
@@ -318,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
     x.set_defaults(func=_experiment)
 
-    from .methods import METHODS
+    from .core.methods import METHODS
 
     c = sub.add_parser("compare", help="every fine-tuning method side by side (scores, costs, latency)",
                        description="Fine-tune the shipped model with every method over several seeds on the code "
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.set_defaults(func=_compare)
 
-    from .assignments.cli import add_subcommands as add_assignment_commands
+    from .course.cli import add_subcommands as add_assignment_commands
 
     a = sub.add_parser("assignment", help="course assignments: build the student version, grade a submission",
                        description="Build student versions of the assignments (solutions cut out) and grade them.")
@@ -346,6 +347,10 @@ def main(argv=None) -> int:
     try:
         if args.backend:
             backend.use_backend(args.backend)
+        if backend.fast_enabled():
+            # a command owns its process, so it may make the process-wide allocator setting the fast path
+            # gains from (the library itself never does; MINILORA_TUNE_MALLOC=0 keeps the command from it)
+            tune_host_allocator_unless_disabled()
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FloatingPointError) as exc:
         print(f"minilora {args.command}: error: {exc}", file=sys.stderr)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy
 
-from . import backend
+from .core import backend
 from .tokenizer import encode
 
 VAL_FRACTION = 0.1

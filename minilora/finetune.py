@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy
 
-from . import backend
+from .core import backend
 from .data import Corpus
-from .lora import LoRAConfig, apply_lora, merge_lora, parameter_report, save_lora, unmerge_lora
-from .model import GPT
-from .train import TrainConfig, evaluate, fit, save_checkpoint
+from .core.lora import LoRAConfig, apply_lora, merge_lora, parameter_report, unmerge_lora
+from .io.adapter_files import save_lora
+from .core.model import GPT
+from .io.checkpoints import save_checkpoint
+from .train import TrainConfig, evaluate, fit
 
 METHODS = ("full", "lora")
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from .files import write_bytes_atomic
+from .io.files import write_bytes_atomic
 
 
 def new_figure(nrows=1, ncols=1, figsize=None, **subplot_kwargs):

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy
 
-from . import backend
+from .core import backend
 from .data import VAL_FRACTION, _pydoc_text, _stdlib_package_text
-from .optim import AdamW, clip_grad_norm, cosine_schedule
-from .parallel import ParallelStep, default_threads
+from .core.optim import AdamW, clip_grad_norm, cosine_schedule
+from .fast.parallel import ParallelStep, default_threads
 from .tokenizer import encode
 
 IGNORE = -1                       # target of the positions that are not asked anything

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .data import load_corpus
-from .files import write_bytes_atomic, write_json
+from .io.files import write_bytes_atomic, write_json
 from .finetune import FinetuneRun, finetune
-from .lora import LoRAConfig
+from .core.lora import LoRAConfig
 from .plots import new_figure, save_figure
-from .pretrained import load_pretrained
+from .io.pretrained import load_pretrained
 from .train import TrainConfig
 
 

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import numpy
 
-from . import backend
+from .core import backend
 from .data import get_batch, sequential_batches
-from .files import load_safetensors, save_safetensors, write_json
-from .model import GPT, GPTConfig, cross_entropy
-from .nn import dropout_generators
-from .optim import AdamW, clip_grad_norm, cosine_schedule
-from .parallel import ParallelStep, default_threads
+from .core.model import GPT, GPTConfig, cross_entropy
+from .core.nn import dropout_generators
+from .core.optim import AdamW, clip_grad_norm, cosine_schedule
+from .fast.parallel import ParallelStep, default_threads
+from .io.checkpoints import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_state, save_checkpoint
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
 
 
 @dataclass
@@ -49,7 +48,8 @@ class TrainConfig:
     out_dir: str | None = None
     seed: int = 0
     quiet: bool = False                 # no progress bar
-    threads: int | None = None          # data-parallel threads (parallel.py); None: every core on NumPy, 1 on CuPy
+    threads: int | None = None          # data-parallel threads (fast/parallel.py); 1: the plain loop; None: every
+                                        # core on NumPy's fast path, 1 on CuPy or on the reference core
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
@@ -107,65 +107,14 @@ def evaluate(model: GPT, ids, batch_size: int = 32, block_size: int | None = Non
 
 
 # ----------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def _rng_state(generator):
-    """A JSON-ready state of a NumPy generator (None for a generator without one, such as CuPy's)."""
-    bit_generator = getattr(generator, "bit_generator", None)
-    state = getattr(bit_generator, "state", None)
-    return state if isinstance(state, dict) else None
-
-
-def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, meta: dict | None = None) -> Path:
-    """Write model weights (and AdamW moments) plus JSON metadata to one safetensors file, atomically.
-
-    Tensors: "model.<param>" and, with an optimizer, "adamw.m.<param>" / "adamw.v.<param>".
-    Also writes ``<path>.json`` with the same metadata for people to read.
-    """
-    path = Path(path)
-    meta = dict(meta or {})
-    meta.update(model_config=model.config.to_dict(), dtype=model.dtype)
-    tensors = {f"model.{name}": p.data for name, p in model.named_parameters()}
-    if optimizer is not None:
-        names = {id(p): name for name, p in model.named_parameters()}
-        for p, m, v in zip(optimizer.params, optimizer.m, optimizer.v):
-            if m is not None:
-                tensors[f"adamw.m.{names[id(p)]}"] = m
-                tensors[f"adamw.v.{names[id(p)]}"] = v
-        meta["adamw_t"] = optimizer.t
-    save_safetensors(tensors, path, metadata={"format": "pt", "minilora": json.dumps(meta)})
-    write_json(path.with_suffix(".json"), meta)
-    return path
-
-
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a checkpoint file; a clear ValueError if it is damaged or not a minilora checkpoint."""
-    tensors, header = load_safetensors(path)
-    if "minilora" not in header:
-        raise ValueError(f"{path} is a safetensors file but not a minilora checkpoint (no 'minilora' metadata)")
-    try:
-        meta = json.loads(header["minilora"])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: the checkpoint's metadata is not valid JSON: {exc}") from exc
-    return tensors, meta
-
-
-def load_checkpoint(path, dtype=None) -> tuple[GPT, dict]:
-    """(model, metadata) from a checkpoint file; dtype: None keeps the stored one."""
-    tensors, meta = read_checkpoint(path)
-    try:
-        config = GPTConfig(**meta["model_config"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: the checkpoint's model_config is missing or invalid: {exc}") from exc
-    model = GPT(config, seed=0, dtype=dtype or meta.get("dtype", "float32"))
-    state = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
-    model.load_state_dict(state)
-    return model, meta
-
-
-# ----------------------------------------------------------------------------------------------------
 # the loop
+
+
+def forward_backward(model: GPT, idx, targets, ignore_index=None) -> float:
+    """One step's gradients: the batch's mean cross-entropy, and its gradient in every trainable p.grad."""
+    loss, dlogits = cross_entropy(model.forward(idx), targets, ignore_index)
+    model.backward(dlogits)
+    return loss
 
 
 def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, resume_from=None,
@@ -194,22 +143,26 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
 
     def checkpoint(step):
         state = dict(run_meta, step=step, history={"train": result.train, "val": result.val},
-                     batch_rng=_rng_state(batch_rng),
-                     dropout_rngs=[_rng_state(g) for g in dropout_generators(model)])
+                     batch_rng=rng_state(batch_rng),
+                     dropout_rngs=[rng_state(g) for g in dropout_generators(model)])
         result.checkpoint = str(save_checkpoint(out_dir / CHECKPOINT_NAME, model, optimizer, state))
 
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, disable=config.quiet, desc="train", unit="step")
     model.train()
-    parallel = ParallelStep(model, config.threads or default_threads(config.batch_size))
+    threads = config.threads or (default_threads(config.batch_size) if backend.fast_enabled() else 1)
+    parallel = ParallelStep(model, threads) if threads > 1 else None
     tokens = config.batch_size * block_size
     t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
             optimizer.lr = cosine_schedule(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
             idx, targets = get_batch(train_ids, config.batch_size, block_size, batch_rng)
-            loss = parallel.forward_backward(idx, targets)       # fills every trainable p.grad
+            if parallel is None:                                  # fills every trainable p.grad
+                loss = forward_backward(model, idx, targets)
+            else:
+                loss = parallel.forward_backward(idx, targets)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} at step {step + 1}: training stopped; "
                                          f"the last checkpoint ({result.checkpoint or 'none written'}) is untouched")
@@ -240,7 +193,8 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
             bar.update(1)
     finally:
         bar.close()
-        parallel.close()
+        if parallel is not None:
+            parallel.close()
         model.zero_grad()
     result.steps = config.steps
     result.seconds = time.perf_counter() - t0
@@ -274,7 +228,7 @@ def _resume(path, model, optimizer, batch_rng, result, config) -> int:
     if len(states) != len(generators):
         raise ValueError(f"{path} holds {len(states)} dropout generator states; this model has {len(generators)}")
     for generator, state in zip(generators, states):
-        if state is not None and _rng_state(generator) is not None:
+        if state is not None and rng_state(generator) is not None:
             generator.bit_generator.state = state
     history = meta.get("history", {})
     result.train = [list(x) for x in history.get("train", [])]

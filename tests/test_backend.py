@@ -8,6 +8,8 @@ import pytest
 import minilora as ml
 from minilora import backend, files
 from minilora import functional as F
+from minilora.fast import functional as fast_functional
+from minilora.fast import kernels
 
 CFG = ml.GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=2, n_embd=10)
 
@@ -268,14 +270,14 @@ def test_scatter_add_accumulates_repeated_indices(shape):
     indices = rng.integers(0, shape[0], size=40)
     values = rng.standard_normal((40, *shape[1:]))
     target, expected = np.ones(shape), np.ones(shape)
-    backend.scatter_add(target, indices, values)
+    fast_functional.scatter_add(target, indices, values)
     np.add.at(expected, indices, values)
     assert np.allclose(target, expected, rtol=1e-13, atol=1e-13)
-    backend.scatter_add(target, indices[:0], values[:0])          # nothing to add: unchanged
+    fast_functional.scatter_add(target, indices[:0], values[:0])          # nothing to add: unchanged
     assert np.allclose(target, expected, rtol=1e-13, atol=1e-13)
 
 
 def test_gpu_kernels_need_cupy(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(ValueError, match="CuPy"):
-        backend.elementwise_kernel("T x", "T y", "y = x;", "minilora_test_copy")
+        kernels.elementwise_kernel("T x", "T y", "y = x;", "minilora_test_copy")

@@ -84,7 +84,7 @@ def test_whole_model_with_lora_passes_the_directional_check():
     randomize_adapters(model)
     idx = tokens()
     for seed in range(3):
-        res = gc.directional_check(model, gc.gpt_loss_fn(idx, tokens(1), model.h[0].attn.q_proj._dropout_rng), seed=seed)
+        res = gc.directional_check(model, gc.gpt_loss_fn(idx, tokens(1), model.h[0].attn.q_proj.dropout_rng), seed=seed)
         assert res.passed, res.rel_error
 
 

@@ -92,15 +92,17 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_checkpoint(toy_ids, t
     if threads > 1 and ml.current_backend() != "numpy":
         pytest.skip("data-parallel threads are for the CPU: on CuPy ParallelStep runs one")
     model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
-    real = parallel.cross_entropy
-    calls = {"n": 0}
+    steps = {"n": 0}
 
-    def poisoned(logits, targets, ignore_index=None):
-        calls["n"] += 1          # one call per thread per step: the first call of step 7 returns NaN
-        loss, dlogits = real(logits, targets, ignore_index)
-        return (float("nan") if calls["n"] == 6 * threads + 1 else loss), dlogits
+    def poisoned(step_function):
+        def step(*args, **kwargs):       # called once per training step, from the training loop's thread
+            loss = step_function(*args, **kwargs)
+            steps["n"] += 1
+            return float("nan") if steps["n"] == 7 else loss
+        return step
 
-    monkeypatch.setattr(parallel, "cross_entropy", poisoned)
+    monkeypatch.setattr(train, "forward_backward", poisoned(train.forward_backward))
+    monkeypatch.setattr(parallel.ParallelStep, "forward_backward", poisoned(parallel.ParallelStep.forward_backward))
     with pytest.raises(FloatingPointError, match="step 7"):
         train.fit(model, toy_ids, None, _config(tmp_path, eval_every=0, threads=threads))
     path = tmp_path / train.CHECKPOINT_NAME

@@ -36,7 +36,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..pretrained import pretrained_info
+from ..io.pretrained import pretrained_info
 from . import common
 
 CONFIGURATIONS = {             # label (the paper's names) -> (module-name suffixes, rank)

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy
 
-from .. import backend
+from ..core import backend
 from ..data import load_corpus
 from ..finetune import finetune
-from ..lora import LoRAConfig, lora_modules
-from ..pretrained import load_pretrained
+from ..core.lora import LoRAConfig, lora_modules
+from ..io.pretrained import load_pretrained
 from ..train import TrainConfig, evaluate
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy
 
 from ..data import get_batch
-from ..files import save_safetensors, write_bytes_atomic, write_json
+from ..io.files import save_safetensors, write_bytes_atomic, write_json
 from ..finetune import paired_forward_latency
-from ..methods import METHODS, MethodSettings, apply_method, check_method, for_inference, method_state, training_memory
+from ..core.methods import METHODS, MethodSettings, apply_method, check_method, for_inference, method_state, training_memory
 from ..plots import new_figure, save_figure
-from ..pretrained import load_pretrained
+from ..io.pretrained import load_pretrained
 from ..tasks import accuracy, load_task, train_classifier
 from ..train import TrainConfig, evaluate, fit
 from .common import bits_per_char, downstream, mean_and_spread, progress_counter

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from ..pretrained import load_pretrained
+from ..io.pretrained import load_pretrained
 from .common import ATTENTION, RunSettings, run_full, weight
 
 RANKS = (1, 2, 4, 8, 16)

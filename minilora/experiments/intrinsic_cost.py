@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy
 
-from ..intrinsic import make_projection
-from ..model import GPT, GPTConfig
-from ..pretrained import pretrained_info
+from ..core.intrinsic import make_projection
+from ..core.model import GPT, GPTConfig
+from ..io.pretrained import pretrained_info
 from .common import on_the_host
 
 KINDS = ("dense", "sparse", "fastfood")

@@ -41,9 +41,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..intrinsic import SubspaceModel
-from ..model import GPT
-from ..pretrained import load_pretrained
+from ..core.intrinsic import SubspaceModel
+from ..core.model import GPT
+from ..io.pretrained import load_pretrained
 from ..train import evaluate, fit
 from . import common
 

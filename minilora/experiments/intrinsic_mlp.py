@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy
 
-from .. import functional as F
+from ..core import functional as F
 from ..data import load_corpus
-from ..intrinsic import SubspaceModel
-from ..nn import Module, Parameter
-from ..optim import AdamW
+from ..core.intrinsic import SubspaceModel
+from ..core.nn import Module, Parameter
+from ..core.optim import AdamW
 from . import common
 
 CONTEXT, VOCAB = 3, 96
@@ -63,7 +63,7 @@ class CharMLP(Module):
     def backward(self, dlogits):
         c1, cg, c2 = self._pop_cache()
         da, dw2, db2 = F.linear_backward(dlogits, c2)
-        _, dw1, db1 = F.linear_backward(F.gelu_backward(da, cg), c1, input_grad=False)
+        _, dw1, db1 = F.linear_backward(F.gelu_backward(da, cg), c1)
         for p, g in ((self.w1, dw1), (self.b1, db1), (self.w2, dw2), (self.b2, db2)):
             p.accumulate_grad(g)
         return None

@@ -33,7 +33,7 @@ import math
 
 import numpy
 
-from ..intrinsic import make_projection
+from ..core.intrinsic import make_projection
 from .common import on_the_host
 
 D, GROUPS = 1000, 10

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from ..pretrained import load_pretrained
+from ..io.pretrained import load_pretrained
 from .common import weight
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)                      # ranks for the parameter-count table

@@ -44,7 +44,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..pretrained import pretrained_info
+from ..io.pretrained import pretrained_info
 from . import common
 
 RANKS = (1, 2, 4, 8, 16, 64)

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import numpy
 
-from ..lora import lora_modules
+from ..core.lora import lora_modules
 from . import common
 
 RANKS = (1, 4, 16, 64)

@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from ..lora import LoRAConfig, apply_lora
-from ..pretrained import load_pretrained
+from ..core.lora import LoRAConfig, apply_lora
+from ..io.pretrained import load_pretrained
 from .common import RunSettings, adapter_matrices, run_lora
 
 TARGETS = ("q_proj", "v_proj")

@@ -6,8 +6,7 @@ parameter without a gradient. ``lr`` is a plain attribute: a schedule sets it be
 from __future__ import annotations
 
 import math
-
-import numpy
+import sys
 
 from . import backend
 from .nn import Parameter
@@ -57,16 +56,18 @@ class SGD:
             p.grad = None
 
 
-# AdamW's update of one parameter as a single GPU kernel: the formula of AdamW.step's array code, per element.
-# On a GPU the array code costs eleven kernel launches per parameter; at minilora's sizes each launch (some
-# microseconds of Python and driver work) costs more than its arithmetic, and the optimizer took 9 of the
-# CuPy step's 25 ms. With one launch per parameter it takes under 2 ms.
-_ADAMW_ELEMENT = """
-    p = p * (T)decay;                                                   // p -= lr * weight_decay * p
-    m = (T)b1 * m + (T)(1.0 - b1) * g;                                  // m = b1 m + (1 - b1) g
-    v = (T)b2 * v + (T)(1.0 - b2) * (g * g);                            // v = b2 v + (1 - b2) g^2
-    p = p - (T)step_size * (m / (sqrt(v) * (T)inv_bias2_sqrt + (T)eps));
-"""
+def adamw_update(param, grad, m, v, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW update of one parameter, in place (param, m and v are changed; nothing is returned).
+
+    param, grad, m, v: arrays of one shape (m, v: the running first and second moments); step: t >= 1, the
+    number of updates so far including this one; weight_decay: 0 for a parameter that is not decayed.
+    """
+    param[...] = param * (1.0 - lr * weight_decay)             # decoupled weight decay: not part of the gradient
+    m[...] = beta1 * m + (1.0 - beta1) * grad                  # first moment: a running mean of g
+    v[...] = beta2 * v + (1.0 - beta2) * grad ** 2             # second moment: a running mean of g^2
+    m_hat = m / (1.0 - beta1 ** step)                          # bias corrections: both start at 0
+    v_hat = v / (1.0 - beta2 ** step)
+    param[...] = param - lr * m_hat / (backend.get_array_module(v).sqrt(v_hat) + eps)
 
 
 class AdamW:
@@ -94,36 +95,14 @@ class AdamW:
 
     def step(self) -> None:
         self.t += 1
-        b1, b2 = self.betas
-        bias1 = 1.0 - b1 ** self.t
-        bias2_sqrt = math.sqrt(1.0 - b2 ** self.t)
-        step_size = self.lr / bias1
         for i, p in enumerate(self.params):
             if p.grad is None or not p.trainable:
                 continue
-            xp = backend.get_array_module(p.data)
             if self.m[i] is None:
-                self.m[i] = xp.zeros_like(p.data)
-                self.v[i] = xp.zeros_like(p.data)
-            m, v, g = self.m[i], self.v[i], p.grad
-            decay = 1.0 - self.lr * self.weight_decay if p.decay else 1.0
-            if xp is not numpy:                                  # the GPU: the same update as one kernel
-                kernel = backend.elementwise_kernel(
-                    "T g, float64 decay, float64 b1, float64 b2, float64 step_size, float64 inv_bias2_sqrt, "
-                    "float64 eps", "T p, T m, T v", _ADAMW_ELEMENT, "minilora_adamw")
-                kernel(g, decay, b1, b2, step_size, 1.0 / bias2_sqrt, self.eps, p.data, m, v)
-                continue
-            if decay != 1.0:
-                p.data *= decay                                  # decoupled: not part of the gradient
-            m *= b1
-            m += (1.0 - b1) * g
-            v *= b2
-            v += (1.0 - b2) * (g * g)
-            # torch's form: denom = sqrt(v) / sqrt(1 - b2^t) + eps; p -= lr / (1 - b1^t) * m / denom
-            denom = xp.sqrt(v)
-            denom *= 1.0 / bias2_sqrt
-            denom += self.eps
-            p.data -= step_size * (m / denom)
+                self.m[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                self.v[i] = backend.get_array_module(p.data).zeros_like(p.data)
+            PAIRS.adamw_update(p.data, p.grad, self.m[i], self.v[i], self.lr, self.betas[0], self.betas[1],
+                               self.eps, self.weight_decay if p.decay else 0.0, self.t)
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -153,3 +132,6 @@ def cosine_schedule(step: int, max_lr: float, warmup_steps: int, total_steps: in
         return min_lr
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + 0.5 * (max_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+PAIRS = backend.Pairs(sys.modules[__name__])   # adamw_update above, or its fast version

@@ -10,13 +10,15 @@ Choose the backend with ``use_backend("cupy")`` or the environment variable ``MI
 
 Dtype policy: float32 by default (training), float64 for gradient checks. A model picks one dtype at
 construction and every array it creates has it; the functional layer preserves the dtype of its inputs.
+
+The same place says which implementation of the math runs: the reference core (``minilora.core``, written
+to be read) or the fast path (``minilora.fast``, the same functions made faster and tested equal):
+``use_fast(False)`` or ``MINILORA_FAST=0`` for the reference; ``Pairs`` looks up the one in use.
 """
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
-import sys
 
 import numpy
 
@@ -149,76 +151,88 @@ def set_generator_state(generator, state) -> None:
         bit_generator._state[...] = state
 
 
-ONE_HOT_LIMIT = 2**24      # on the GPU, scatter_add uses a one-hot matrix of up to this many elements
-
-
-def scatter_add(target, indices, values) -> None:
-    """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place.
-
-    target: (V, ...); indices: (N,) integers in [0, V); values: (N, ...)."""
-    module = get_array_module(target)
-    if module is numpy:
-        # numpy.add.at is correct but slow; sorting the indices and summing each run of equal ones
-        # (add.reduceat) gives the same sums about twice as fast
-        if len(indices) == 0:
-            return
-        order = numpy.argsort(indices, kind="stable")
-        sorted_indices = indices[order]
-        starts = numpy.flatnonzero(numpy.r_[True, sorted_indices[1:] != sorted_indices[:-1]])
-        target[sorted_indices[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
-    elif len(indices) * target.shape[0] <= ONE_HOT_LIMIT:
-        # On the GPU: target += onehot(indices)^T @ values, one matrix product. The usual scatter-add (atomic
-        # additions) sums each row's values in whatever order the threads arrive, so the result would change
-        # in the last bits from run to run; the product gives the same bits every time.
-        onehot = (indices[:, None] == module.arange(target.shape[0])[None, :]).astype(values.dtype)  # (N, V)
-        target += (onehot.T @ values.reshape(len(indices), -1)).reshape(target.shape)
-    else:                                    # a large table: atomic additions (fast, not bit-reproducible)
-        module.add.at(target, indices, values)
-
-
-_kernels = {}
-
-
-def elementwise_kernel(in_params: str, out_params: str, operation: str, name: str):
-    """One GPU kernel for a per-element formula: a CuPy ``ElementwiseKernel``, made once per name and compiled
-    on its first call. Called with arrays (and scalars) it returns the output array(s).
-
-    in_params / out_params: "T g, float64 lr" / "T p, T m" (T: the arrays' dtype); operation: the CUDA C
-    statement(s) for one element. Only for code that runs on CuPy arrays: a NumPy caller has no use for it.
-    Why: at minilora's sizes a GPU step is bound by kernel launches (each costs microseconds of Python and
-    driver work), so a formula of ten array operations costs ten launches where one kernel costs one.
-    """
-    if name not in _kernels:
-        _kernels[name] = _import_cupy().ElementwiseKernel(in_params, out_params, operation, name)
-    return _kernels[name]
-
-
 def synchronize() -> None:
     """Wait for queued GPU work to finish (a no-op on NumPy); use before reading a clock."""
     if _state["name"] == "cupy":
         _state["xp"].cuda.get_current_stream().synchronize()
 
 
-def tune_host_allocator() -> bool:
-    """Let freed large arrays stay in the process's heap for the next ones (glibc on Linux); True if applied.
+# ----------------------------------------------------------------------------------------------------
+# the reference core and the fast path
 
-    A training step creates and frees hundreds of temporaries of several MB. By default glibc gives each
-    block above 128 KB its own fresh memory map and returns it to the operating system when freed, so every
-    new temporary starts with thousands of page faults (about 0.35 ms per 8 MB array): 14% of the default
-    model's step. Raising the map threshold and the trim threshold keeps that memory for reuse (the process
-    keeps its peak memory instead of shrinking). Called once on import; ``MINILORA_TUNE_MALLOC=0`` turns it off.
+_FLAG_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
+
+
+def _flag(value, name) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise ValueError(f"{name} must be one of {sorted(_FLAG_WORDS)} (or a bool); got {value!r}")
+
+
+class use_fast:
+    """Run on the fast path (``use_fast(True)``, the default) or on the reference core (``use_fast(False)``).
+
+    As a call it switches from now on; as a context manager, ``with use_fast(False): ...``, it switches for
+    the block and then restores the previous choice. The environment variable ``MINILORA_FAST=0`` starts a
+    process on the reference core. Both paths compute the same numbers (up to float rounding: the tests
+    hold every fast pair to its reference pair); the reference is the one to read.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3          # glibc's malloc.h parameter numbers
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-    except (OSError, AttributeError):                        # not glibc (musl, ...): leave malloc alone
-        return False
+
+    def __init__(self, enabled: bool = True):
+        self.previous = _state["fast"]
+        _state["fast"] = _flag(enabled, "use_fast's argument")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        _state["fast"] = self.previous
 
 
-HOST_ALLOCATOR_TUNED = os.environ.get("MINILORA_TUNE_MALLOC", "1") != "0" and tune_host_allocator()
+def fast_enabled() -> bool:
+    """Whether the fast path is in use (True unless switched off with use_fast(False) or MINILORA_FAST=0)."""
+    return _state["fast"]
+
+
+_fast_versions = {}      # (reference module name, function name) -> the fast path's function
+
+
+def register_fast(reference_module, functions: dict) -> None:
+    """Declare ``functions`` ({name: function}) the fast versions of the same-named functions of
+    ``reference_module``. Each must exist there with the same parameters; ``minilora.fast`` calls this."""
+    import inspect
+
+    for name, function in functions.items():
+        reference = getattr(reference_module, name, None)
+        if reference is None:
+            raise ValueError(f"{reference_module.__name__} has no {name} for a fast version to replace")
+        if inspect.signature(reference).parameters.keys() != inspect.signature(function).parameters.keys():
+            raise ValueError(f"the fast {name} takes {inspect.signature(function)}; the reference takes "
+                             f"{inspect.signature(reference)}")
+        _fast_versions[(reference_module.__name__, name)] = function
+
+
+class Pairs:
+    """The functions of a reference module, each replaced by its fast version while the fast path is on.
+
+    ``F = Pairs(functional)`` then ``F.linear_forward(...)`` calls ``functional.linear_forward`` on the
+    reference core, and the registered fast version (``minilora.fast``) otherwise."""
+
+    def __init__(self, reference_module):
+        self.reference = reference_module
+
+    def __getattr__(self, name):
+        if _state["fast"]:
+            function = _fast_versions.get((self.reference.__name__, name))
+            if function is not None:
+                return function
+        return getattr(self.reference, name)
+
+
+_state["fast"] = _flag(os.environ.get("MINILORA_FAST", "1"), "the environment variable MINILORA_FAST")
 
 _env = os.environ.get("MINILORA_BACKEND")
 if _env:

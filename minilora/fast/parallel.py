@@ -26,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy
 
-from . import backend
-from .model import cross_entropy
-from .nn import dropout_generators
+from ..core import backend
+from ..core.model import cross_entropy
+from ..core.nn import dropout_generators
 
 
 def default_threads(batch_size: int) -> int:

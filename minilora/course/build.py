@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..files import write_bytes_atomic
+from ..io.files import write_bytes_atomic
 
 SOURCES = Path(__file__).resolve().parent / "sources"
 ASSIGNMENTS = ("layers", "lora_layer", "subspace")

@@ -130,9 +130,7 @@ def activation_bytes(model: Module) -> int:
     weights a cache refers to are parameters, not activations, and are not counted."""
     found = {}
     for _, module in model.named_modules():
-        for key, value in vars(module).items():
-            if key.endswith("_cache"):
-                _arrays_in(value, found)
+        _arrays_in(module.cached(), found)
     for p in model.parameters():
         found.pop(id(_owner(p.data)), None)
     return sum(found.values())

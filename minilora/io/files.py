@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy
 
-from . import backend
+from ..core import backend
 
 
 def write_bytes_atomic(path, data: bytes) -> None:

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from . import backend
-from . import functional as F
+from . import backend, functional
 from .nn import Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Module, ModuleList
+
+F = backend.Pairs(functional)     # the reference pairs, or their fast versions (see nn.py)
 
 
 @dataclass
@@ -59,18 +60,21 @@ class GPT(Module):
         self.config = config
         self.dtype = backend.resolve_dtype(dtype)
         init_rng = numpy.random.default_rng(seed)    # host generator: identical weights on NumPy and CuPy
-        self._dropout_rng = backend.rng(seed + 1)     # masks are drawn where the arrays live
+        self.dropout_rng = backend.rng(seed + 1)      # masks are drawn where the arrays live
         c = config
         proj_std = 0.02 / math.sqrt(2 * c.n_layer)    # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)
         self.wte = Embedding(c.vocab_size, c.n_embd, rng=init_rng, dtype=self.dtype)
         self.wpe = Embedding(c.block_size, c.n_embd, rng=init_rng, dtype=self.dtype)
-        self.drop = Dropout(c.dropout, self._dropout_rng)
+        self.drop = Dropout(c.dropout, self.dropout_rng)
         self.h = ModuleList(
             Block(c.n_embd, c.n_head, c.dropout, c.layer_norm_epsilon, 0.02, proj_std, init_rng,
-                  self._dropout_rng, self.dtype)
+                  self.dropout_rng, self.dtype)
             for _ in range(c.n_layer)
         )
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, self.dtype)
+
+    def generators(self) -> list:
+        return [self.dropout_rng]
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout probability everywhere (embeddings, attention, residual paths)."""
@@ -132,15 +136,10 @@ class GPT(Module):
         wte = self.wte.weight
         dx, dWt, _ = F.linear_backward(dlogits, cache, weight_grad=wte.trainable)   # fwd: logits = x @ wte^T
         if dWt is not None:
-            wte.accumulate_grad(backend.get_array_module(dWt).ascontiguousarray(dWt.T))
+            wte.accumulate_grad(dWt.T.copy())   # the head used wte^T; a fresh array, as accumulate_grad keeps it
         dx = self.ln_f.backward(dx)
-        # below the lowest block only the embeddings need dx: when they are frozen (LoRA and most other
-        # methods) the lowest block skips its input gradient, as autograd does for what needs no gradient
-        embeddings_train = any(p.trainable for p in self.wte.parameters() + self.wpe.parameters())
-        for i in reversed(range(len(self.h))):
-            dx = self.h[i].backward(dx, input_grad=i > 0 or embeddings_train)
-        if dx is None:
-            return
+        for block in reversed(list(self.h)):
+            dx = block.backward(dx)
         dx = self.drop.backward(dx)
         # fwd: x = wte[idx] + wpe[arange(T)]; wpe's rows were shared by the batch, so their gradient sums over it
         self.wpe.backward(dx.sum(axis=0))

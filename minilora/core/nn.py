@@ -1,15 +1,19 @@
 """Parameters and modules: thin shells that own weights and call the functional forward/backward pairs.
 
-A module's ``forward(x)`` keeps the cache its backward needs; ``backward(dout)`` accumulates into the
-``.grad`` of its trainable parameters and returns the gradient of its input. A frozen parameter
-(``trainable = False``) gets no gradient and costs no backward matrix product.
+A module's ``forward(x)`` keeps the cache its backward needs (in ``self._cache``); ``backward(dout)``
+accumulates into the ``.grad`` of its trainable parameters and returns the gradient of its input. A frozen
+weight (``trainable = False``) gets no gradient and costs no backward matrix product.
+
+``F.<layer>_forward`` below is ``functional.<layer>_forward`` (the reference core) or, while the fast path is
+on, its fast version from ``minilora.fast``: the same pair, computed faster (see ``backend.use_fast``).
 """
 from __future__ import annotations
 
 import numpy
 
-from . import backend
-from . import functional as F
+from . import backend, functional
+
+F = backend.Pairs(functional)
 
 
 class Parameter:
@@ -125,11 +129,20 @@ class Module:
         for name, p in params.items():
             p.data[...] = backend.asarray(state[name], dtype=p.data.dtype)
 
+    # -- what a forward keeps for its backward --------------------------------------------------------
+    def cached(self):
+        """The cache the last forward kept for the backward (None when there is none)."""
+        return self.__dict__.get("_cache")
+
     def _pop_cache(self):
         cache = self.__dict__.pop("_cache", None)
         if cache is None:
             raise RuntimeError(f"{type(self).__name__}.backward called without a forward first (or twice)")
         return cache
+
+    def generators(self) -> list:
+        """The random generators this module draws from itself (dropout masks); none by default."""
+        return []
 
 
 # the name parts that mark a parameter a fine-tuning method added (LoRA, adapters, prefix and prompt tuning)
@@ -152,11 +165,10 @@ def freeze_pretrained(model: Module) -> None:
 
 
 def dropout_generators(model: Module) -> list:
-    """Every distinct dropout generator of a model (the GPT's own, LoRA layers'...), in module order."""
+    """Every distinct random generator the modules of a model draw from (``Module.generators``), in order."""
     found, seen = [], set()
     for _, module in model.named_modules():
-        for attr in ("_dropout_rng", "_rng"):
-            generator = module.__dict__.get(attr)
+        for generator in module.generators():
             if generator is not None and id(generator) not in seen:
                 seen.add(id(generator))
                 found.append(generator)
@@ -196,15 +208,6 @@ def ones(shape, dtype):
     return backend.xp().ones(shape, dtype=dtype)
 
 
-class _InputShape:
-    """Stands in for a linear layer's input in its cache when only the input's shape is needed."""
-
-    __slots__ = ("shape",)
-
-    def __init__(self, shape):
-        self.shape = shape
-
-
 class Linear(Module):
     """y = x @ W + b with W stored (in, out). Weight init N(0, std^2), bias zero."""
 
@@ -215,26 +218,13 @@ class Linear(Module):
 
     def forward(self, x):
         """x: (..., in) -> (..., out)."""
-        y, cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
-        if not self.weight.trainable:
-            # A frozen W needs no dW = x^T dy, and dx = dy W^T needs only x's shape: keep that instead of x
-            # (this is most of what PEFT saves in activation memory).
-            cache = (_InputShape(x.shape), *cache[1:])
-        self._cache = cache
+        y, self._cache = F.linear_forward(x, self.weight.data, self.bias.data if self.bias is not None else None)
         return y
 
-    def backward(self, dy, input_grad: bool = True):
-        """dy: (..., out) -> dx: (..., in) (None if not input_grad); W's product is skipped when W is frozen."""
-        cache = self._pop_cache()
-        if self.weight.trainable and isinstance(cache[0], _InputShape):
-            raise RuntimeError("this Linear's weight was frozen during the forward (its input was not kept) and is "
-                               "trainable now: run the forward again after changing what trains")
-        dx, dW, db = F.linear_backward(
-            dy, cache,
-            weight_grad=self.weight.trainable,
-            bias_grad=self.bias is not None and self.bias.trainable,
-            input_grad=input_grad,
-        )
+    def backward(self, dy):
+        """dy: (..., out) -> dx: (..., in); W's own product is skipped when W is frozen."""
+        dx, dW, db = F.linear_backward(dy, self._pop_cache(), weight_grad=self.weight.trainable,
+                                       bias_grad=self.bias is not None and self.bias.trainable)
         if dW is not None:
             self.weight.accumulate_grad(dW)
         if db is not None:
@@ -273,15 +263,10 @@ class LayerNorm(Module):
         out, self._cache = F.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
         return out
 
-    def backward(self, dout, input_grad: bool = True):
-        trainable = self.weight.trainable or self.bias.trainable
-        if not (trainable or input_grad):
-            self._pop_cache()
-            return None
-        dx, dw, db = F.layernorm_backward(dout, self._pop_cache(), param_grad=trainable)
-        if trainable:
-            self.weight.accumulate_grad(dw)
-            self.bias.accumulate_grad(db)
+    def backward(self, dout):
+        dx, dw, db = F.layernorm_backward(dout, self._pop_cache())
+        self.weight.accumulate_grad(dw)              # accumulate_grad ignores a frozen parameter
+        self.bias.accumulate_grad(db)
         return dx
 
 
@@ -290,14 +275,17 @@ class Dropout(Module):
 
     def __init__(self, p, rng=None):
         self.p = float(p)
-        self._rng = rng
+        self.rng = rng
+
+    def generators(self) -> list:
+        return [self.rng]
 
     def forward(self, x):
-        out, self._cache = F.dropout_forward(x, self.p if self.training else 0.0, self._rng)
+        out, self._cache = F.dropout_forward(x, self.p if self.training else 0.0, self.rng)
         return out
 
     def backward(self, dout):
-        return F.dropout_backward(dout, self.__dict__.pop("_cache", None))
+        return F.dropout_backward(dout, self.__dict__.pop("_cache", None))   # None: p was 0, nothing kept
 
 
 class MLP(Module):
@@ -332,32 +320,24 @@ class CausalSelfAttention(Module):
         self.o_proj = Linear(n_embd, n_embd, std=proj_std, rng=rng, dtype=dtype)
         self.attn_dropout = float(dropout)
         self.resid_drop = Dropout(dropout, dropout_rng)
-        self._rng = dropout_rng
+        self.rng = dropout_rng              # the attention probabilities' dropout masks
+
+    def generators(self) -> list:
+        return [self.rng]
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""
         q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)
         p = self.attn_dropout if self.training else 0.0
-        y, self._cache = F.attention_forward(q, k, v, self.n_head, p, self._rng)
+        y, self._cache = F.attention_forward(q, k, v, self.n_head, p, self.rng)
         return self.resid_drop.forward(self.o_proj.forward(y))
 
-    def backward(self, dout, input_grad: bool = True):
-        """dout: (B, T, C) -> dx (None if not input_grad: only the projections' own gradients are made)."""
+    def backward(self, dout):
+        """dout: (B, T, C) -> dx: (B, T, C)."""
         dy = self.o_proj.backward(self.resid_drop.backward(dout))
         dq, dk, dv = F.attention_backward(dy, self._pop_cache())
-        return self._projections_backward(dq, dk, dv, input_grad)
-
-    def _projections_backward(self, dq, dk, dv, input_grad):
-        """dx = dq Wq^T + dk Wk^T + dv Wv^T (fwd: q, k, v = x Wq, x Wk, x Wv), after each projection has taken
-        its own gradients; None when the input needs no gradient."""
-        dx = self.q_proj.backward(dq, input_grad)
-        dx_k = self.k_proj.backward(dk, input_grad)
-        dx_v = self.v_proj.backward(dv, input_grad)
-        if not input_grad:
-            return None
-        dx += dx_k
-        dx += dx_v
-        return dx
+        # fwd: q, k, v = x Wq, x Wk, x Wv: x feeds all three, so its gradient is the sum of the three paths
+        return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
 
 
 class Block(Module):
@@ -372,23 +352,12 @@ class Block(Module):
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""
-        h = self.attn.forward(self.ln_1.forward(x))
-        h += x                                   # h = x + attn(ln_1(x)) (added in place: attn's output is fresh)
-        out = self.mlp.forward(self.ln_2.forward(h))
-        out += h                                 # out = h + mlp(ln_2(h))
+        h = x + self.attn.forward(self.ln_1.forward(x))
+        out = h + self.mlp.forward(self.ln_2.forward(h))
         return out
 
-    def backward(self, dout, input_grad: bool = True):
-        """dout: (B, T, C) -> dx, or None when not input_grad (the lowest block of a model whose embeddings
-        are frozen: nothing below needs dx, so its last matrix products are skipped, as autograd would)."""
-        # fwd: out = h + mlp(ln_2(h)); the residual passes dout through unchanged
-        dh = self.ln_2.backward(self.mlp.backward(dout))
-        dh += dout
-        # fwd: h = x + attn(ln_1(x)); ln_1's own parameters need the attention's dx even when x needs none
-        ln_trains = self.ln_1.weight.trainable or self.ln_1.bias.trainable
-        da = self.attn.backward(dh, input_grad or ln_trains)
-        dx = self.ln_1.backward(da, input_grad) if da is not None else None
-        if not input_grad:
-            return None
-        dx += dh
+    def backward(self, dout):
+        """dout: (B, T, C) -> dx: (B, T, C)."""
+        dh = dout + self.ln_2.backward(self.mlp.backward(dout))   # fwd: out = h + mlp(ln_2(h))
+        dx = dh + self.ln_1.backward(self.attn.backward(dh))     # fwd: h = x + attn(ln_1(x))
         return dx

@@ -24,7 +24,7 @@ import math
 import numpy
 
 from . import backend
-from .nn import Module, Parameter
+from .nn import Module, Parameter, dropout_generators
 
 DENSE_LIMIT_BYTES = 2 << 30      # a dense P larger than this is refused (use "sparse" or "fastfood")
 
@@ -95,13 +95,13 @@ class SparseProjection:
     def project(self, theta_d):
         xp = backend.get_array_module(theta_d)
         out = xp.zeros(self.D, dtype=theta_d.dtype)
-        backend.scatter_add(out, self.rows, self.vals * theta_d[self.cols])       # out[row] += val * theta[col]
+        xp.add.at(out, self.rows, self.vals * theta_d[self.cols])                # out[row] += val * theta[col]
         return out
 
     def transpose(self, g):
         xp = backend.get_array_module(g)
         out = xp.zeros(self.d, dtype=g.dtype)
-        backend.scatter_add(out, self.cols, self.vals * g[self.rows])             # out[col] += val * g[row]
+        xp.add.at(out, self.cols, self.vals * g[self.rows])                      # out[col] += val * g[row]
         return out
 
 
@@ -190,8 +190,11 @@ class SubspaceModel(Module):
         self.theta_d = Parameter(xp.zeros(d, dtype=dtype))
         self.lambdas = Parameter(xp.ones(len(params), dtype=dtype)) if said else None
         self.config = getattr(model, "config", None)
-        self._dropout_rng = getattr(model, "_dropout_rng", None)
         self.D, self.d, self.said = D, d, said
+
+    def generators(self) -> list:
+        """The wrapped model's random generators (it is held privately, so the module walk does not see it)."""
+        return dropout_generators(self._model)
 
     def train(self, mode: bool = True):
         self._model.train(mode)

@@ -294,7 +294,7 @@ def model_checks(seed=0):
         idx = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, cfg.block_size)))
         targets = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, cfg.block_size)))
         for direction_seed in range(3):
-            loss_fn = gpt_loss_fn(idx, targets, model._dropout_rng if cfg.dropout else None)
+            loss_fn = gpt_loss_fn(idx, targets, model.dropout_rng if cfg.dropout else None)
             r = directional_check(model, loss_fn, seed=direction_seed)
             r.layer = f"GPT(L={cfg.n_layer},H={cfg.n_head},C={cfg.n_embd})"
             r.param = f"direction {direction_seed}"

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy
 
-from . import backend
+from ..core import backend
 from .files import load_safetensors, read_json, save_safetensors, write_json
-from .model import GPT, GPTConfig
+from ..core.model import GPT, GPTConfig
 
 _RENAMES = {  # per-block HF name -> minilora name (c_attn is handled apart: it is split in three)
     "ln_1": "ln_1", "ln_2": "ln_2", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.fc", "mlp.c_proj": "mlp.proj",
@@ -186,7 +186,7 @@ def save_peft_adapter(model: GPT, path) -> Path:
 
     ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(hf_dir), path)`` then gives the same logits.
     """
-    from .lora import lora_modules
+    from ..core.lora import lora_modules
 
     layers = lora_modules(model)
     if not layers:
@@ -246,7 +246,7 @@ def _pattern_value(pattern: dict, module_name: str, default):
 
 def load_peft_adapter(model: GPT, path) -> GPT:
     """Apply a PEFT LoRA adapter saved for a GPT-2 model to a minilora GPT without adapters (in place)."""
-    from .lora import LoRAConfig, LoRALinear, lora_modules
+    from ..core.lora import LoRAConfig, LoRALinear, lora_modules
 
     path = Path(path)
     if lora_modules(model):

@@ -13,16 +13,13 @@ The layout of A and B is PEFT's and loralib's, so adapters move to and from Hugg
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy
 
-from . import backend
-from . import functional as F
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from . import backend, functional
 from .nn import Linear, Module, Parameter, freeze_pretrained
 
 INITS = ("default", "gaussian", "pissa")
@@ -30,55 +27,40 @@ BIAS_MODES = ("none", "all", "lora_only")
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
+F = backend.Pairs(functional)     # the reference pairs, or their fast versions (see nn.py)
+
 # ----------------------------------------------------------------------------------------------------
 # the math: a forward/backward pair
 
 
-def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None, fold=True):
-    """y = x W + b + scale * (dropout(x) A^T) B^T.
+def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
+    """y = x W + b + scale * (dropout(x) A^T) B^T: the frozen path and the low-rank path side by side.
 
-    x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r). fold: without dropout, compute
-    it as one product with W + s A^T B^T (faster; ``fold=False`` always takes the two-step path the formula
-    reads as). Returns y: (..., out) and the cache.
+    x: (..., in); W: (in, out); b: (out,) or None; A: (r, in); B: (out, r). Returns y: (..., out) and the
+    cache (base_cache, xd, drop_cache, h, A, B, scale), h: (N, r) the down-projection. The adapter is never added into W here: that is what merge_lora does, once, for inference.
     """
-    if fold and not dropout_p:
-        # Without dropout the adapter can ride inside the frozen product, since x W + s (x A^T) B^T =
-        # x (W + s A^T B^T): forming the (in, out) sum costs in*out*r multiplies, far fewer than the extra
-        # passes over the (N, out) output that the two-step form makes (the same numbers up to rounding;
-        # with B = 0 it is exactly x W + b).
-        W_adapted = A.T @ B.T                                 # (in, out) the update, before scaling
-        W_adapted *= scale
-        W_adapted += W
-        y, base_cache = F.linear_forward(x, W_adapted, b)     # (..., out)
-        return y, (base_cache, x, None, None, A, B, scale)
     y, base_cache = F.linear_forward(x, W, b)                 # (..., out) the frozen path
-    xd, drop_cache = F.dropout_forward(x, dropout_p, rng)     # dropout acts on the adapter's input only
-    h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r) down-projection
-    y2 = y.reshape(-1, y.shape[-1])
-    y2 += (h * scale) @ B.T                                   # (N, out) up-projection (scaling the (N, r) side)
+    xd, drop_cache = F.dropout_forward(x, dropout_p, rng)     # (..., in) dropout acts on the adapter's input only
+    h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r) down-projection, xd flattened to N rows
+    update = scale * (h @ B.T)                                # (N, out) up-projection, scaled
+    y = y + update.reshape(y.shape)
     return y, (base_cache, xd, drop_cache, h, A, B, scale)
 
 
-def lora_backward(dy, cache, weight_grad=False, bias_grad=False, input_grad=True):
+def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
     """Gradients of lora_forward. dy: (..., out).
 
-    Returns dx: (..., in) (None unless input_grad), dA: (r, in), dB: (out, r), dW (None unless weight_grad),
-    db (None unless bias_grad).
+    Returns dx: (..., in), dA: (r, in), dB: (out, r), dW (None unless weight_grad), db (None unless bias_grad).
     """
     base_cache, xd, drop_cache, h, A, B, scale = cache
-    folded = h is None
-    # fwd: y = x W + b (folded: W + s A^T B^T, so this dx already carries the adapter's path too)
-    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad,
-                                   input_grad=input_grad)
+    dx, dW, db = F.linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)  # fwd: y = x W + b
     dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
     xd2 = xd.reshape(-1, xd.shape[-1])                        # (N, in)
-    if folded:
-        h = xd2 @ A.T                                         # (N, r): the folded forward never formed it
-    dB = (dy2.T @ h) * scale                                  # fwd: y += s h B^T            (out, r)
-    dh = (dy2 @ B) * scale                                    # fwd: y += s h B^T            (N, r)
-    dA = dh.T @ xd2                                           # fwd: h = xd A^T              (r, in)
-    if input_grad and not folded:
-        dx += F.dropout_backward((dh @ A).reshape(dx.shape), drop_cache)   # fwd: h = dropout(x) A^T
+    dB = scale * (dy2.T @ h)                                  # fwd: update = s h B^T      (out, r)
+    dh = scale * (dy2 @ B)                                    # fwd: update = s h B^T      (N, r)
+    dA = dh.T @ xd2                                           # fwd: h = xd A^T            (r, in)
+    dxd = (dh @ A).reshape(dx.shape)                          # fwd: h = xd A^T            (..., in)
+    dx = dx + F.dropout_backward(dxd, drop_cache)             # fwd: xd = dropout(x)
     return dx, dA, dB, dW, db
 
 
@@ -102,7 +84,7 @@ class LoRALinear(Linear):
         self.r, self.alpha, self.use_rslora = int(r), float(alpha), bool(use_rslora)
         self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.dropout = float(dropout)
-        self._dropout_rng = dropout_rng
+        self.dropout_rng = dropout_rng
         self.merged = False
         self.disabled = False
         dtype = self.weight.data.dtype
@@ -136,6 +118,9 @@ class LoRALinear(Linear):
         self.weight.data[...] = backend.asarray(residual.T.astype(self.weight.data.dtype))
         return A, B
 
+    def generators(self) -> list:
+        return [self.dropout_rng]
+
     def delta_weight(self):
         """The update the adapter adds to W, in W's (in, out) layout: scale * (B A)^T = scale * A^T B^T."""
         return (self.lora_A.data.T @ self.lora_B.data.T) * self.scale
@@ -145,18 +130,17 @@ class LoRALinear(Linear):
         if self.merged or self.disabled:          # merged: W already holds the update; disabled: base output
             return super().forward(x)
         p = self.dropout if self.training else 0.0
-        y, self._cache = lora_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
-                                      self.lora_A.data, self.lora_B.data, self.scale, p, self._dropout_rng)
+        y, self._cache = PAIRS.lora_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
+                                            self.lora_A.data, self.lora_B.data, self.scale, p, self.dropout_rng)
         return y
 
-    def backward(self, dy, input_grad: bool = True):
+    def backward(self, dy):
         if self.merged:
             raise RuntimeError("cannot backpropagate through a merged LoRA layer: unmerge_lora(model) before training")
         if self.disabled:
-            return super().backward(dy, input_grad)
-        dx, dA, dB, dW, db = lora_backward(dy, self._pop_cache(), weight_grad=self.weight.trainable,
-                                           bias_grad=self.bias is not None and self.bias.trainable,
-                                           input_grad=input_grad)
+            return super().backward(dy)
+        dx, dA, dB, dW, db = PAIRS.lora_backward(dy, self._pop_cache(), weight_grad=self.weight.trainable,
+                                                 bias_grad=self.bias is not None and self.bias.trainable)
         self.lora_A.accumulate_grad(dA)
         self.lora_B.accumulate_grad(dB)
         if dW is not None:
@@ -219,7 +203,7 @@ def _matches(name: str, targets) -> bool:
     return any(t == "all-linear" or name == t or name.endswith("." + t) for t in targets)
 
 
-def _linear_modules(model):
+def linear_modules(model):
     """(name, parent, attribute, module) of every Linear in the model."""
     found = []
     for parent_name, parent in model.named_modules():
@@ -246,7 +230,7 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters: apply_lora twice would stack them; "
                          "start from a fresh model (or unload the adapters) first")
-    linears = _linear_modules(model)
+    linears = linear_modules(model)
     chosen = [entry for entry in linears if _matches(entry[0], config.targets)]
     if not chosen:
         raise ValueError(f"no Linear module matches targets {list(config.targets)}; available: "
@@ -343,89 +327,4 @@ def disable_lora(model: Module):
             m.disabled = flag
 
 
-# ----------------------------------------------------------------------------------------------------
-# adapter files
-
-
-def adapter_state(model: Module) -> dict:
-    """{name: array} of what an adapter file holds: every lora_A / lora_B, and the biases that train."""
-    layers = lora_modules(model)
-    if not layers:
-        raise ValueError("the model has no LoRA adapters")
-    state = {}
-    for name, m in layers:
-        A, B = m.lora_A.data, m.lora_B.data
-        if m.init == "pissa":
-            raise ValueError("a PiSSA adapter changes the base weights; save the whole model "
-                             "(interop.save_hf_gpt2) or export it with interop.save_peft_adapter")
-        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = A, B
-    config = getattr(model, "lora_config", None)
-    if config is not None and config.bias != "none":
-        for name, p in model.named_parameters(trainable_only=True):
-            if name.endswith(".bias"):
-                state[name] = p.data
-    return state
-
-
-def save_lora(model: Module, directory) -> Path:
-    """Write the adapter only: ``adapter.safetensors`` + ``adapter_config.json`` (kilobytes, not megabytes)."""
-    directory = Path(directory)
-    state = adapter_state(model)
-    config = getattr(model, "lora_config", LoRAConfig())
-    meta = {"lora_config": config.to_dict(), "modules": [name for name, _ in lora_modules(model)],
-            "ranks": {name: m.r for name, m in lora_modules(model)}}
-    if hasattr(model, "config"):
-        meta["base_model_config"] = model.config.to_dict()
-    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt", "minilora": json.dumps(meta)})
-    write_json(directory / ADAPTER_CONFIG, meta)
-    return directory
-
-
-def load_lora(model: Module, directory, seed: int = 0) -> Module:
-    """Apply the saved adapter to ``model`` (a base model, or one with matching LoRA layers) and load it.
-
-    Checks that it fits (module names, shapes, ranks) before changing anything, and says what does not.
-    """
-    directory = Path(directory)
-    meta = read_json(directory / ADAPTER_CONFIG)
-    tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
-    try:
-        config = LoRAConfig(**{**meta["lora_config"], "targets": tuple(meta["lora_config"]["targets"])})
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{directory / ADAPTER_CONFIG} has no valid lora_config: {exc}") from exc
-    base_config = meta.get("base_model_config")
-    if base_config is not None and hasattr(model, "config") and base_config != model.config.to_dict():
-        raise ValueError(f"the adapter was trained on a model with config {base_config}; this model has "
-                         f"{model.config.to_dict()}")
-    existing = dict(lora_modules(model))
-    if existing:
-        expected = {f"{n}.lora_A": tuple(m.lora_A.shape) for n, m in existing.items()}
-        expected.update({f"{n}.lora_B": tuple(m.lora_B.shape) for n, m in existing.items()})
-    else:
-        linears = {name: lin for name, _, _, lin in _linear_modules(model)}
-        missing = [n for n in meta.get("modules", []) if n not in linears]
-        if missing:
-            raise ValueError(f"the adapter targets modules this model does not have: {missing}")
-        expected = {}
-        for n in meta.get("modules", []):
-            in_f, out_f = linears[n].weight.shape
-            expected[f"{n}.lora_A"] = (config.r, in_f)
-            expected[f"{n}.lora_B"] = (out_f, config.r)
-    problems = []
-    for key, shape in expected.items():
-        if key not in tensors:
-            problems.append(f"missing {key}")
-        elif tuple(tensors[key].shape) != shape:
-            problems.append(f"{key} has shape {tuple(tensors[key].shape)}, the model needs {shape}")
-    model_params = {name for name, _ in model.named_parameters()}
-    extra = sorted(k for k in tensors if k not in expected and not (k.endswith(".bias") and k in model_params))
-    if extra:
-        problems.append(f"unexpected tensors {extra}")
-    if problems:
-        raise ValueError(f"the adapter in {directory} does not fit this model: " + "; ".join(problems))
-    if not existing:
-        apply_lora(model, config, seed=seed)
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        params[key].data[...] = backend.asarray(value, dtype=params[key].data.dtype)
-    return model
+PAIRS = backend.Pairs(sys.modules[__name__])   # lora_forward/backward above, or their fast versions

@@ -1,6 +1,6 @@
 """The assignment commands: ``build`` a student version, ``grade`` a student's file, ``list`` the assignments.
 
-``main(argv)`` is what ``python -m minilora.assignments`` runs; the ``minilora`` command can hand its
+``main(argv)`` is what ``python -m minilora.course`` runs; the ``minilora`` command can hand its
 ``assignment`` arguments to it, or attach the subcommands to its own parser with ``add_subcommands``.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _grade(args) -> int:
     report = grade(args.name, args.file)
     print(format_report(report))
     if args.json:
-        from ..files import write_json
+        from ..io.files import write_json
 
         write_json(args.json, report.to_dict())
         print(f"\nwrote {args.json}")
@@ -60,13 +60,13 @@ def add_subcommands(sub) -> None:
     listing.set_defaults(func=_list)
 
 
-def build_parser(prog: str = "python -m minilora.assignments") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m minilora.course") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Course assignments: build student versions, grade them.")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
-def main(argv=None, prog: str = "python -m minilora.assignments") -> int:
+def main(argv=None, prog: str = "python -m minilora.course") -> int:
     """Run one assignment command; 0 on success (for grade: whenever grading ran), 2 on a usage error."""
     args = build_parser(prog).parse_args(argv)
     try:

@@ -12,10 +12,10 @@ import math
 from pathlib import Path
 
 from .files import read_json, write_json
-from .model import GPT
-from .train import load_checkpoint, save_checkpoint
+from ..core.model import GPT
+from .checkpoints import load_checkpoint, save_checkpoint
 
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"   # package data: minilora/pretrained/
 NAME = "tiny_gpt"
 
 

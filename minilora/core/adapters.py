@@ -22,12 +22,13 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from . import backend
-from . import functional as F
+from . import backend, functional
 from .nn import Dropout, Module, Parameter, freeze_pretrained, zeros
 
 # where adapters go: the dropout modules that carry each sublayer's output to the residual addition
 PLACES = {"attn": "attn.resid_drop", "mlp": "mlp.drop"}
+
+F = backend.Pairs(functional)     # the reference pairs, or their fast versions (see nn.py)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -42,7 +43,7 @@ def adapter_forward(h, W_down, b_down, W_up, b_up):
     z, down_cache = F.linear_forward(h, W_down, b_down)     # (..., m) down-projection
     a, gelu_cache = F.gelu_forward(z)                       # (..., m) nonlinearity
     out, up_cache = F.linear_forward(a, W_up, b_up)         # (..., C) up-projection
-    out += h                                                # the adapter's own skip connection
+    out = out + h                                           # the adapter's own skip connection
     return out, (down_cache, gelu_cache, up_cache)
 
 
@@ -56,7 +57,7 @@ def adapter_backward(dout, cache, param_grad=True):
     da, dW_up, db_up = F.linear_backward(dout, up_cache, weight_grad=param_grad, bias_grad=param_grad)  # fwd: out = a W_up + b_up + h
     dz = F.gelu_backward(da, gelu_cache)                                                              # fwd: a = gelu(z)
     dh, dW_down, db_down = F.linear_backward(dz, down_cache, weight_grad=param_grad, bias_grad=param_grad)  # fwd: z = h W_down + b_down
-    dh += dout                                                                                         # fwd: out += h
+    dh = dh + dout                                                                                     # fwd: out = out + h
     return dh, dW_down, db_down, dW_up, db_up
 
 
@@ -64,16 +65,16 @@ def adapter_backward(dout, cache, param_grad=True):
 # the module
 
 
-class DropoutAndAdapter(Dropout):
-    """The sublayer's output dropout followed by an adapter: out = adapter(dropout(x)).
+class DropoutAndAdapter(Module):
+    """A sublayer's output dropout followed by an adapter: out = adapter(dropout(x)).
 
-    It replaces a Dropout module of the model and keeps its probability and generator, so the model computes
-    what it computed before plus the adapter. Parameters: adapter_down (C, m), adapter_down_bias (m,),
-    adapter_up (m, C) (zero at the start), adapter_up_bias (C,).
+    It takes the place of a Dropout module of the model and holds that module unchanged (``drop``), so the
+    model computes what it computed before plus the adapter. Parameters: adapter_down (C, m),
+    adapter_down_bias (m,), adapter_up (m, C) (zero at the start), adapter_up_bias (C,).
     """
 
     def __init__(self, dropout: Dropout, n_embd: int, bottleneck: int, rng, dtype):
-        super().__init__(dropout.p, dropout._rng)
+        self.drop = dropout
         self.training = dropout.training
         bound = 1.0 / math.sqrt(n_embd)          # as a fresh nn.Linear (and LoRA's A): uniform(-1/sqrt(C), 1/sqrt(C))
         self.adapter_down = Parameter(backend.asarray(rng.uniform(-bound, bound, (n_embd, bottleneck)).astype(dtype)),
@@ -84,23 +85,19 @@ class DropoutAndAdapter(Dropout):
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""
-        h = super().forward(x)
-        out, self._adapter_cache = adapter_forward(h, self.adapter_down.data, self.adapter_down_bias.data,
-                                                   self.adapter_up.data, self.adapter_up_bias.data)
+        h = self.drop.forward(x)
+        out, self._cache = adapter_forward(h, self.adapter_down.data, self.adapter_down_bias.data,
+                                           self.adapter_up.data, self.adapter_up_bias.data)
         return out
 
     def backward(self, dout):
-        cache = self.__dict__.pop("_adapter_cache", None)
-        if cache is None:
-            raise RuntimeError("DropoutAndAdapter.backward called without a forward first (or twice)")
-        trainable = self.adapter_down.trainable
-        dh, dW_down, db_down, dW_up, db_up = adapter_backward(dout, cache, param_grad=trainable)
-        if trainable:
-            self.adapter_down.accumulate_grad(dW_down)
-            self.adapter_down_bias.accumulate_grad(db_down)
-            self.adapter_up.accumulate_grad(dW_up)
-            self.adapter_up_bias.accumulate_grad(db_up)
-        return super().backward(dh)                 # fwd: h = dropout(x)
+        dh, dW_down, db_down, dW_up, db_up = adapter_backward(dout, self._pop_cache(),
+                                                              param_grad=self.adapter_down.trainable)
+        for p, g in ((self.adapter_down, dW_down), (self.adapter_down_bias, db_down), (self.adapter_up, dW_up),
+                     (self.adapter_up_bias, db_up)):
+            if g is not None:
+                p.accumulate_grad(g)
+        return self.drop.backward(dh)                 # fwd: h = dropout(x)
 
 
 # ----------------------------------------------------------------------------------------------------

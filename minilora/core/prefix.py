@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass
 
 import numpy
 
-from . import backend
-from . import functional as F
+from . import backend, functional
 from .nn import CausalSelfAttention, Embedding, LayerNorm, Linear, Module, Parameter, freeze_pretrained
+
+F = backend.Pairs(functional)     # the reference pairs, or their fast versions (see nn.py)
 
 INITS = ("vocab", "random")
 
@@ -188,11 +189,11 @@ class PrefixAttention(CausalSelfAttention):
         q, k, v = self.q_proj.forward(x), self.k_proj.forward(x), self.v_proj.forward(x)
         prefix_k, prefix_v, encoder_cache = self._prefixes_with_cache()
         p = self.attn_dropout if self.training else 0.0
-        y, attention_cache = prefix_attention_forward(q, k, v, prefix_k, prefix_v, self.n_head, p, self._rng)
+        y, attention_cache = prefix_attention_forward(q, k, v, prefix_k, prefix_v, self.n_head, p, self.rng)
         self._cache = (attention_cache, encoder_cache)
         return self.resid_drop.forward(self.o_proj.forward(y))
 
-    def backward(self, dout, input_grad: bool = True):
+    def backward(self, dout):
         attention_cache, encoder_cache = self._pop_cache()
         dy = self.o_proj.backward(self.resid_drop.backward(dout))
         dq, dk, dv, dprefix_k, dprefix_v = prefix_attention_backward(dy, attention_cache)
@@ -202,7 +203,8 @@ class PrefixAttention(CausalSelfAttention):
         else:
             self.prefix_keys.accumulate_grad(dprefix_k)
             self.prefix_values.accumulate_grad(dprefix_v)
-        return self._projections_backward(dq, dk, dv, input_grad)
+        # fwd: q, k, v = x Wq, x Wk, x Wv
+        return self.q_proj.backward(dq) + self.k_proj.backward(dk) + self.v_proj.backward(dv)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -323,7 +325,6 @@ def _vocab_activations(model, ids):
         x = block.forward(x)
     for _, module in model.named_modules():                                 # nothing here will be backpropagated
         module.__dict__.pop("_cache", None)
-        module.__dict__.pop("_adapter_cache", None)
     model.train(was_training)
     return out
 

@@ -1,17 +1,12 @@
-"""The math of a GPT-2: forward/backward pairs, pure functions of arrays.
+"""The fast path of ``minilora.core.functional``: the same forward/backward pairs, with the same signatures,
+caches and results (up to float rounding; tests/test_fast.py holds each to its reference), computed faster.
 
-Every layer is two functions, as in CS231n's ``layers.py`` and llm.c:
+What makes them faster: in-place updates instead of fresh temporaries, one pass where the reference makes
+several, matrix-vector products for row means, a cheaper softmax shift on the CPU, a sorted scatter-add, and
+one GPU kernel per per-element formula on CuPy. Read the reference first: it is the math; this is the
+engineering. Backwards return fresh arrays, so a caller may keep them as gradients.
 
-    out, cache = <layer>_forward(x, params...)
-    dx, dparams... = <layer>_backward(dout, cache)
-
-The cache holds exactly what the backward needs. Each backward line names the forward line it
-differentiates ("fwd: ..."). Backwards return fresh arrays, so a caller may keep them as gradients.
-A backward can skip the gradient of a frozen weight (``weight_grad=False`` returns ``None`` in its
-place): that skipped matrix product is the saving LoRA exists for.
-
-Arrays may be NumPy or CuPy; each function uses the module its inputs belong to and keeps their dtype
-(Python float constants never upcast a float32 array).
+Arrays may be NumPy or CuPy; each function uses the module its inputs belong to and keeps their dtype.
 
 Shapes: B batch, T time, C channels, H heads, hs = C // H head size, V vocabulary, N = B*T rows.
 """
@@ -21,7 +16,10 @@ import math
 
 import numpy
 
-from .backend import elementwise_kernel, get_array_module, scatter_add
+from ..core.backend import get_array_module
+from ..core.functional import GELU_C, GELU_K, causal_mask, dropout_backward, dropout_forward
+from . import kernels
+from .kernels import elementwise_kernel
 
 
 def _row_dot(a, b):
@@ -50,15 +48,11 @@ def linear_forward(x, W, b=None):
     return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
 
 
-def linear_backward(dy, cache, weight_grad=True, bias_grad=True, input_grad=True):
-    """Gradients of y = x @ W + b.
-
-    dy: (..., out). Returns dx: (..., in), dW: (in, out), db: (out,); each is None when its flag is
-    False (a frozen weight or bias, or an input that needs no gradient) or, for db, when there is no bias.
-    """
+def linear_backward(dy, cache, weight_grad=True, bias_grad=True):
+    """Gradients of y = x @ W + b. dy: (..., out). Returns dx: (..., in), dW: (in, out) or None, db: (out,) or None."""
     x, W, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])                                  # (N, out)
-    dx = (dy2 @ W.T).reshape(x.shape) if input_grad else None           # fwd: y = x @ W
+    dx = (dy2 @ W.T).reshape(x.shape)                                   # fwd: y = x @ W
     dW = x.reshape(-1, x.shape[-1]).T @ dy2 if weight_grad else None    # fwd: y = x @ W
     db = dy2.sum(axis=0) if (has_bias and bias_grad) else None          # fwd: y += b
     return dx, dW, db
@@ -67,13 +61,31 @@ def linear_backward(dy, cache, weight_grad=True, bias_grad=True, input_grad=True
 # ----------------------------------------------------------------------------------------------------
 # embedding
 
+ONE_HOT_LIMIT = 2**24      # on the GPU, scatter_add uses a one-hot matrix of up to this many elements
 
-def embedding_forward(idx, W):
-    """out = W[idx]: one row of the table per token.
 
-    idx: integer array of any shape S; W: (V, C) table. Returns out: (*S, C) and the cache.
-    """
-    return W[idx], (idx, W.shape)
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated (unbuffered), in place.
+
+    target: (V, ...); indices: (N,) integers in [0, V); values: (N, ...)."""
+    module = get_array_module(target)
+    if module is numpy:
+        # numpy.add.at is correct but slow; sorting the indices and summing each run of equal ones
+        # (add.reduceat) gives the same sums about twice as fast
+        if len(indices) == 0:
+            return
+        order = numpy.argsort(indices, kind="stable")
+        sorted_indices = indices[order]
+        starts = numpy.flatnonzero(numpy.r_[True, sorted_indices[1:] != sorted_indices[:-1]])
+        target[sorted_indices[starts]] += numpy.add.reduceat(values[order], starts, axis=0)
+    elif len(indices) * target.shape[0] <= ONE_HOT_LIMIT:
+        # On the GPU: target += onehot(indices)^T @ values, one matrix product. The usual scatter-add (atomic
+        # additions) sums each row's values in whatever order the threads arrive, so the result would change
+        # in the last bits from run to run; the product gives the same bits every time.
+        onehot = (indices[:, None] == module.arange(target.shape[0])[None, :]).astype(values.dtype)  # (N, V)
+        target += (onehot.T @ values.reshape(len(indices), -1)).reshape(target.shape)
+    else:                                    # a large table: atomic additions (fast, not bit-reproducible)
+        module.add.at(target, indices, values)
 
 
 def embedding_backward(dout, cache):
@@ -108,18 +120,15 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return out, (xhat, w, rstd)
 
 
-def layernorm_backward(dout, cache, param_grad=True):
-    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,) (None, None if frozen)."""
+def layernorm_backward(dout, cache):
+    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,)."""
     xhat, w, rstd = cache
     xp = get_array_module(dout)
     C = xhat.shape[-1]
     rows, xhat_rows = dout.reshape(-1, C), xhat.reshape(-1, C)     # (N, C)
     dout_xhat = rows * xhat_rows                                   # (N, C)
-    if param_grad:
-        db = rows.sum(axis=0)                                      # fwd: out = xhat * w + b
-        dw = dout_xhat.sum(axis=0)                                 # fwd: out = xhat * w + b
-    else:
-        dw = db = None
+    db = rows.sum(axis=0)                                          # fwd: out = xhat * w + b
+    dw = dout_xhat.sum(axis=0)                                     # fwd: out = xhat * w + b
     # fwd: out = xhat * w + b                    ->  dxhat = dout * w
     # fwd: xhat = (x - mean(x)) * rstd(x)        ->  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     # (the direct path, the path through the mean, the path through the variance; llm.c doc/layernorm).
@@ -137,16 +146,8 @@ def layernorm_backward(dout, cache, param_grad=True):
 # ----------------------------------------------------------------------------------------------------
 # gelu (tanh approximation, as GPT-2's "gelu_new")
 
-_GELU_K = math.sqrt(2.0 / math.pi)   # Python floats: they never upcast a float32 array
-_GELU_C = 0.044715
-# The same formulas per element, one GPU kernel each (see backend.elementwise_kernel): on CuPy the array
-# versions below cost 8 and 10 kernel launches.
-_GELU_FORWARD_ELEMENT = "t = tanh(x * ((T)k + (T)ck * (x * x)));  out = (T)0.5 * x * ((T)1 + t);"
-_GELU_BACKWARD_ELEMENT = """
-    T du = (T)k + (T)three_ck * (x * x);
-    T a = (t * t - (T)1) * x * du;
-    dx = (T)0.5 * ((T)1 + t - a) * dout;
-"""
+_GELU_K = GELU_K
+_GELU_C = GELU_C
 
 
 def gelu_forward(x):
@@ -156,7 +157,7 @@ def gelu_forward(x):
     """
     xp = get_array_module(x)
     if xp is not numpy:
-        out, t = elementwise_kernel("T x, float64 k, float64 ck", "T out, T t", _GELU_FORWARD_ELEMENT,
+        out, t = elementwise_kernel("T x, float64 k, float64 ck", "T out, T t", kernels.GELU_FORWARD,
                                     "minilora_gelu_forward")(x, _GELU_K, _GELU_C * _GELU_K)
         return out, (x, t)
     inner = x * x                        # x^2
@@ -175,7 +176,7 @@ def gelu_backward(dout, cache):
     x, t = cache
     xp = get_array_module(x)
     if xp is not numpy:
-        return elementwise_kernel("T x, T t, T dout, float64 k, float64 three_ck", "T dx", _GELU_BACKWARD_ELEMENT,
+        return elementwise_kernel("T x, T t, T dout, float64 k, float64 three_ck", "T dx", kernels.GELU_BACKWARD,
                                   "minilora_gelu_backward")(x, t, dout, _GELU_K, 3.0 * _GELU_C * _GELU_K)
     # fwd: u = k (x + 0.044715 x^3)  ->  du/dx = k (1 + 3 * 0.044715 x^2)
     du = x * x
@@ -195,47 +196,16 @@ def gelu_backward(dout, cache):
 
 
 # ----------------------------------------------------------------------------------------------------
-# dropout (inverted: scaled at training time, identity at evaluation)
-
-
-def dropout_forward(x, p, rng=None):
-    """Zero each element with probability p and scale the rest by 1/(1-p).
-
-    x: any shape; p: float in [0, 1); rng: a seeded generator (needed when p > 0).
-    Returns out and the cache (the scaled keep-mask, or None when p == 0).
-    """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1); got {p!r}")
-    if p == 0.0:
-        return x, None
-    if rng is None:
-        raise ValueError("dropout with p > 0 needs a seeded random generator (rng)")
-    mask = rng.random(x.shape, dtype=x.dtype) >= p
-    scaled_mask = mask.astype(x.dtype) * (1.0 / (1.0 - p))
-    return x * scaled_mask, scaled_mask
-
-
-def dropout_backward(dout, cache):
-    """dx = dout * mask / (1 - p)."""
-    if cache is None:
-        return dout
-    return dout * cache                  # fwd: out = x * scaled_mask
-
-
-# ----------------------------------------------------------------------------------------------------
 # causal multi-head self-attention
 
 _causal_mask_cache = {}
 
 
 def _causal_mask(xp, T, S, dtype):
-    """(T, S) additive mask, S >= T: query t sees every key up to its own position S - T + t, and no later one.
-
-    With S = T this is the usual causal mask (0 on and below the diagonal, -inf above); the S - T extra keys
-    at the front are a prefix that every query sees (prefix tuning)."""
+    """core.functional.causal_mask, made once per shape and dtype (it is a constant)."""
     key = (xp.__name__, T, S, str(dtype))
     if key not in _causal_mask_cache:
-        _causal_mask_cache[key] = xp.triu(xp.full((T, S), -xp.inf, dtype=dtype), k=S - T + 1)
+        _causal_mask_cache[key] = causal_mask(xp, T, S, dtype)
     return _causal_mask_cache[key]
 
 

@@ -1,0 +1,32 @@
+"""The fast path of ``minilora.core.lora``'s pair: the same two-step LoRA (never folded into W), with the
+adapter's products added in place and the scale applied on the narrow (N, r) side."""
+from __future__ import annotations
+
+from ..core.functional import dropout_backward, dropout_forward
+from .functional import linear_backward, linear_forward
+
+
+def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
+    """y = x W + b + scale * (dropout(x) A^T) B^T. x: (..., in) -> y: (..., out), and the cache."""
+    y, base_cache = linear_forward(x, W, b)                   # (..., out) fresh: safe to add into
+    xd, drop_cache = dropout_forward(x, dropout_p, rng)
+    h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r)
+    y.reshape(-1, y.shape[-1])[...] += (h * scale) @ B.T      # (N, out): scaling the (N, r) side is cheaper
+    return y, (base_cache, xd, drop_cache, h, A, B, scale)
+
+
+def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
+    """Gradients of lora_forward: dx, dA, dB, dW (or None), db (or None)."""
+    base_cache, xd, drop_cache, h, A, B, scale = cache
+    dx, dW, db = linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)
+    dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
+    dB = dy2.T @ h                                           # fwd: y += s h B^T
+    dB *= scale
+    dh = dy2 @ B                                              # fwd: y += s h B^T   (N, r)
+    dh *= scale
+    dA = dh.T @ xd.reshape(-1, xd.shape[-1])                  # fwd: h = xd A^T
+    if drop_cache is None:
+        dx.reshape(-1, dx.shape[-1])[...] += dh @ A           # fwd: h = x A^T (no dropout)
+    else:
+        dx += dropout_backward((dh @ A).reshape(dx.shape), drop_cache)   # fwd: h = dropout(x) A^T
+    return dx, dA, dB, dW, db
