@@ -1,7 +1,8 @@
 """Shared test setup.
 
-Every test starts on the backend the session started with (``MINILORA_BACKEND``, NumPy by default), whatever
-the test before it selected: a test that switches backends cannot move the tests after it to another one.
+Every test starts on the backend the session started with (``MINILORA_BACKEND``, NumPy by default) and on
+the path it started with (``MINILORA_FAST``: the fast path by default, the reference core with 0), whatever
+the test before it selected: a test that switches either cannot move the tests after it.
 Tests compare on the host: ``host(a)`` is ``backend.to_numpy``, ``dev(a)`` puts a NumPy array on the backend.
 """
 import pytest
@@ -11,11 +12,16 @@ from minilora import backend
 SESSION_BACKEND = backend.current_backend()
 
 
+SESSION_FAST = backend.fast_enabled()
+
+
 @pytest.fixture(autouse=True)
 def _session_backend():
     backend.use_backend(SESSION_BACKEND)
+    backend.use_fast(SESSION_FAST)
     yield
     backend.use_backend(SESSION_BACKEND)
+    backend.use_fast(SESSION_FAST)
 
 
 @pytest.fixture
@@ -26,4 +32,4 @@ def on_numpy():
 
 
 def pytest_report_header(config):
-    return f"minilora backend: {SESSION_BACKEND}"
+    return f"minilora backend: {SESSION_BACKEND}, {'fast path' if SESSION_FAST else 'reference core'}"
