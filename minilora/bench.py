@@ -6,20 +6,20 @@ run; torch and transformers are imported only here, only when asked for, and nev
 from __future__ import annotations
 
 import cProfile
-import gc
 import os
 import pstats
-import statistics
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy
 
 from .core import backend
+from .core.backend import use_fast
 from .core.model import GPT, GPTConfig
 from .core.lora import LoRAConfig, apply_lora, merge_lora
 from .core.optim import AdamW
 from .fast.parallel import ParallelStep, default_threads
+from .timing import ratio_spread, spread, take_turns
+from .train import forward_backward
 
 
 def step_flops(config: GPTConfig, B: int, T: int) -> float:
@@ -34,48 +34,15 @@ def step_flops(config: GPTConfig, B: int, T: int) -> float:
     return 3.0 * forward
 
 
-def _timed(fn) -> float:
-    """Seconds of one call of fn, the GPU's queued work included. Python's garbage collector is paused during
-    the call, as timeit does: a collection set off by objects the other side of a pair made would land here."""
-    backend.synchronize()
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        fn()
-        backend.synchronize()
-        return time.perf_counter() - t0
-    finally:
-        if collecting:
-            gc.enable()
-
-
-def _time(fn, steps, warmup):
+def _time(fn, steps, warmup) -> float:
     """Median seconds of fn over ``steps`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    return statistics.median(_timed(fn) for _ in range(steps))
+    return spread(take_turns([fn], steps, warmup)[0]).median
 
 
-def _time_pair(fn_a, fn_b, steps, warmup, block=2):
-    """Median seconds of fn_a and of fn_b, timed in alternating blocks (a a a, b b b, a a a, ...): both see the
-    same machine state (clock speed, other load), so their ratio is steadier than two separate measurements.
-    The first call of each block is not timed: it would pay for the other side's worker threads, which keep
-    spinning for a while after their last call (PyTorch's OpenMP pool does)."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    times_a, times_b = [], []
-    for _ in range(max(1, -(-steps // block))):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
-            fn()
-            times += [_timed(fn) for _ in range(block)]
-    return statistics.median(times_a), statistics.median(times_b)
-
-
-def minilora_step(config, B, seed=0, lora=None, threads=None):
+def minilora_step(config, B, seed=0, lora=None, threads=None, fast=True):
     """A closure running one minilora training step on random tokens (with LoRA adapters if ``lora``), as
-    ``train.fit`` runs it: split over ``threads`` data-parallel threads (None: every core, see parallel.py)."""
+    ``train.fit`` runs it: on the fast path split over ``threads`` data-parallel threads (None: every core; 1:
+    the plain loop), or on the reference core (``fast=False``: the plain loop, as ``MINILORA_FAST=0`` runs it)."""
     model = GPT(config, seed=seed, dtype="float32")
     if lora is not None:
         apply_lora(model, lora)
@@ -83,11 +50,13 @@ def minilora_step(config, B, seed=0, lora=None, threads=None):
     rng = numpy.random.default_rng(seed)
     idx = backend.asarray(rng.integers(0, config.vocab_size, size=(B, config.block_size)))
     targets = backend.asarray(rng.integers(0, config.vocab_size, size=(B, config.block_size)))
-    parallel = ParallelStep(model, threads or default_threads(B))
+    threads = (threads or default_threads(B)) if fast else 1
+    parallel = ParallelStep(model, threads) if threads > 1 else None
 
     def step():
-        loss = parallel.forward_backward(idx, targets)
-        opt.step()
+        with use_fast(fast):
+            loss = forward_backward(model, idx, targets) if parallel is None else parallel.forward_backward(idx, targets)
+            opt.step()
         model.zero_grad()
         return loss
 
@@ -179,29 +148,60 @@ def breakdown(step, steps=3):
 
 @dataclass
 class BenchResult:
+    """Every figure of one benchmark run. Times are medians in seconds; ``spreads`` holds each timed figure's
+    median and interquartile range; each ratio comes from the same samples as the two times beside it."""
+
     config: dict
     batch_size: int
     threads: int
     backend: str
-    minilora_step_s: float
+    cpu: str
+    blas: str
+    minilora_step_s: float              # the fast path's full fine-tuning step
     minilora_tokens_per_s: float
     minilora_gflops: float
     torch_step_s: float | None = None
     torch_tokens_per_s: float | None = None
-    ratio: float | None = None          # minilora time / torch time, the two taking turns: <= 1.0 means as fast
-    lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv
+    ratio: float | None = None          # minilora step / torch step, the two taking turns: <= 1.0 means as fast
+    lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv (two-step forward)
     lora_ratio: float | None = None     # LoRA step / full fine-tuning step: goal <= 0.75
     torch_lora_step_s: float | None = None   # PEFT LoRA r=4 on c_attn
     lora_torch_ratio: float | None = None    # minilora LoRA step / PEFT LoRA step
-    inference_ms: dict = field(default_factory=dict)   # {"batch 1": {"base":, "lora unmerged":, "lora merged":, "adapters":}, ...}
-    inference_ratio: dict = field(default_factory=dict)  # the same / base, measured taking turns with the base
+    reference_step_s: float | None = None    # the reference core's full step (plain loop, MINILORA_FAST=0)
+    reference_ratio: float | None = None     # reference step / fast step
+    spreads: dict = field(default_factory=dict)          # {figure: {"median", "q1", "q3", "n"}}
+    inference_ms: dict = field(default_factory=dict)     # {"batch 1": {"base":, "lora unmerged":, "lora merged":, "adapters":}, ...}
+    inference_ratio: dict = field(default_factory=dict)  # the same / base, round by round with the base
+    wide_config: dict = field(default_factory=dict)
+    wide_inference_ms: dict = field(default_factory=dict)     # the same on a wide model (n_embd 1024)
+    wide_inference_ratio: dict = field(default_factory=dict)
     matmul_peak_gflops: float | None = None
     breakdown_s: dict = field(default_factory=dict)
     torch_note: str = ""
 
 
+def machine() -> tuple[str, str]:
+    """(CPU model, BLAS library and kernel set), for the report: ratios move with both."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        blas = ", ".join(f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, "
+                         f"{i.get('num_threads')} threads)" for i in threadpool_info() if i.get("user_api") == "blas")
+    except ImportError:
+        blas = "unknown BLAS (threadpoolctl missing)"
+    return cpu, blas or "no BLAS found"
+
+
 def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with_torch=True, threads=None,
-        profile=True) -> BenchResult:
+        profile=True, wide_n_embd: int | None = 1024) -> BenchResult:
+    """Time the training step (fast path, reference core, LoRA, PyTorch eager and PEFT) and inference latency
+    (base, LoRA unmerged and merged, adapters at batch 1 and 32, on ``config`` and on a ``wide_n_embd`` model)."""
     config = config or GPTConfig()
     threads = threads or os.cpu_count()
     tokens = batch_size * config.block_size
@@ -209,52 +209,75 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
     if backend.current_backend() == "cupy":
         # the first GPU calls compile kernels (NVRTC) and the GPU's clocks ramp up from idle: warm up longer
         warmup = max(warmup, 10)
+    cpu, blas = machine()
+    spreads = {}
+
+    def pair(name_a, step_a, name_b, step_b, block=2):
+        a, b = take_turns([step_a, step_b], -(-steps // block), warmup, block)
+        spreads[name_a], spreads[name_b] = spread(a).to_dict(), spread(b).to_dict()
+        spreads[f"{name_a} / {name_b}"] = ratio_spread(a, b).to_dict()
+        return spread(a).median, spread(b).median, ratio_spread(a, b).median
+
     ours_step = minilora_step(config, batch_size, threads=ours_threads)
     lora_step = minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8), threads=ours_threads)
-    ours, lora = _time_pair(ours_step, lora_step, steps, warmup)
+    lora, ours, lora_ratio = pair("lora step", lora_step, "full step (with lora)", ours_step)
     flops = step_flops(config, batch_size, config.block_size)
-    result = BenchResult(config.to_dict(), batch_size, threads, backend.current_backend(), ours, tokens / ours,
-                         flops / ours / 1e9)
-    result.lora_step_s, result.lora_ratio = lora, lora / ours
+    result = BenchResult(config.to_dict(), batch_size, threads, backend.current_backend(), cpu, blas, ours,
+                         tokens / ours, flops / ours / 1e9)
+    result.lora_step_s, result.lora_ratio = lora, lora_ratio
+    reference_step = minilora_step(config, batch_size, fast=False)
+    result.reference_step_s, ours_again, result.reference_ratio = pair(
+        "reference step", reference_step, "full step (with reference)", ours_step, block=1)
     if with_torch:
         try:
-            ours_again, theirs = _time_pair(ours_step, torch_step(config, batch_size, threads=threads), steps, warmup)
+            ours_again, theirs, result.ratio = pair("full step (with torch)", ours_step, "torch step",
+                                                    torch_step(config, batch_size, threads=threads))
+            result.minilora_step_s = ours_again           # the time printed beside the ratio is from its samples
+            result.minilora_tokens_per_s, result.minilora_gflops = tokens / ours_again, flops / ours_again / 1e9
             result.torch_step_s, result.torch_tokens_per_s = theirs, tokens / theirs
-            result.ratio = ours_again / theirs
-            lora_again, theirs_lora = _time_pair(lora_step, torch_lora_step(config, batch_size, threads=threads),
-                                                 steps, warmup)
-            result.torch_lora_step_s, result.lora_torch_ratio = theirs_lora, lora_again / theirs_lora
+            _, result.torch_lora_step_s, result.lora_torch_ratio = pair(
+                "lora step (with peft)", lora_step, "peft lora step",
+                torch_lora_step(config, batch_size, threads=threads))
         except ImportError as exc:
             result.torch_note = f"PyTorch reference skipped: {exc} (pip install 'minilora[reference]')"
-    result.inference_ms, result.inference_ratio = inference_latency(config)
+    result.inference_ms, result.inference_ratio = inference_latency(config, spreads=spreads, label="")
+    if wide_n_embd:
+        wide = replace(config, n_embd=wide_n_embd, n_head=max(1, wide_n_embd // 64))
+        result.wide_config = wide.to_dict()
+        result.wide_inference_ms, result.wide_inference_ratio = inference_latency(wide, repeats=6, spreads=spreads,
+                                                                                  label="wide ")
     result.matmul_peak_gflops = matmul_peak_gflops()
+    result.spreads = spreads
     if profile:
         # cProfile sees only the calling thread: the breakdown is of a one-thread step
         result.breakdown_s = breakdown(minilora_step(config, batch_size, threads=1))
     return result
 
 
-def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20) -> tuple[dict, dict]:
-    """Forward time (ms) at each batch size of the base model, LoRA r=4 (Wq, Wv) unmerged and merged, and
-    adapters (m=4): medians, each model taking turns with the base; returns ({batch: {name: ms}}, {batch:
-    {name: ms / base ms}})."""
+def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20, spreads=None, label="") -> tuple[dict, dict]:
+    """Forward time (ms) at each batch size of the base model, LoRA r=4 (Wq, Wv) unmerged (the two-step
+    adapter) and merged, and adapters (m=4), all taking turns round by round; returns ({batch: {name: median
+    ms}}, {batch: {name: median of the per-round ratio to the base}}), and fills ``spreads`` when given."""
     from .core.adapters import AdapterConfig, apply_adapters
-    from .finetune import paired_forward_latency
+    from .timing import paired_forward_samples
 
-    base = GPT(config, seed=0)
-    variants = {"lora unmerged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
-                "lora merged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
-                "adapters": apply_adapters(GPT(config, seed=0), AdapterConfig(bottleneck=4))}
-    merge_lora(variants["lora merged"])
+    models = {"base": GPT(config, seed=0),
+              "lora unmerged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
+              "lora merged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
+              "adapters": apply_adapters(GPT(config, seed=0), AdapterConfig(bottleneck=4))}
+    merge_lora(models["lora merged"])
     ms, ratio = {}, {}
     for B in batch_sizes:
         key = f"batch {B}"
         n = repeats * (5 if B == 1 else 1)
-        ms[key], ratio[key] = {}, {}
-        for name, model in variants.items():
-            base_s, model_s = paired_forward_latency([base, model], B, n)
-            ms[key].setdefault("base", 1e3 * base_s)
-            ms[key][name], ratio[key][name] = 1e3 * model_s, model_s / base_s
+        samples = dict(zip(models, paired_forward_samples(list(models.values()), B, n)))
+        ms[key] = {name: 1e3 * spread(t).median for name, t in samples.items()}
+        ratio[key] = {name: ratio_spread(t, samples["base"]).median for name, t in samples.items() if name != "base"}
+        if spreads is not None:
+            for name, t in samples.items():
+                spreads[f"{label}inference {key} {name}"] = spread(t).scaled(1e3).to_dict()
+                if name != "base":
+                    spreads[f"{label}inference {key} {name} / base"] = ratio_spread(t, samples["base"]).to_dict()
     return ms, ratio
 
 
@@ -306,36 +329,76 @@ def plot_scaling(result: dict, path) -> None:
     save_figure(fig, path)
 
 
+def _figure(r: BenchResult, name: str, unit_scale: float = 1e3, unit: str = " ms") -> str:
+    """A timed figure as "median [q1, q3]" in the given unit (ratios: unit_scale 1, unit "x")."""
+    s = r.spreads.get(name)
+    if s is None:
+        return "n/a"
+    digits = 1 if unit == " ms" and s["median"] * unit_scale >= 10 else 2 if unit == " ms" else 3
+    return f"{s['median'] * unit_scale:.{digits}f}{unit} [{s['q1'] * unit_scale:.{digits}f}, {s['q3'] * unit_scale:.{digits}f}]"
+
+
+def _verdict(s: dict | None, goal: float) -> str:
+    """Whether a ratio's interquartile range lies at or below the goal, above it, or straddles it."""
+    if s is None:
+        return ""
+    if s["q3"] <= goal:
+        return f"meets the goal <= {goal:g}"
+    if s["q1"] > goal:
+        return f"misses the goal <= {goal:g}"
+    return f"not distinguishable from the goal <= {goal:g}"
+
+
 def format_result(r: BenchResult) -> str:
     c = r.config
     lines = [
         f"training step: GPT n_layer={c['n_layer']} n_head={c['n_head']} n_embd={c['n_embd']} "
         f"block_size={c['block_size']} vocab={c['vocab_size']}, batch {r.batch_size}, float32, "
         f"{r.threads} threads, backend {r.backend}",
+        f"machine: {r.cpu}; BLAS: {r.blas}",
+        "each figure: median [interquartile range] over rounds taken in turn; a ratio is from the same rounds",
         "",
-        f"{'':24}{'step (ms)':>12}{'tokens/s':>12}{'GFLOP/s':>10}",
-        f"{'minilora (' + r.backend + ')':24}{r.minilora_step_s * 1e3:12.1f}{r.minilora_tokens_per_s:12.0f}"
+        f"{'':34}{'step (ms)':>12}{'tokens/s':>12}{'GFLOP/s':>10}",
+        f"{'minilora fast path (' + r.backend + ')':34}{r.minilora_step_s * 1e3:12.1f}{r.minilora_tokens_per_s:12.0f}"
         f"{r.minilora_gflops:10.1f}",
     ]
     if r.torch_step_s is not None:
         gflops = r.minilora_gflops * r.minilora_step_s / r.torch_step_s
-        lines.append(f"{'PyTorch eager (HF GPT-2)':24}{r.torch_step_s * 1e3:12.1f}{r.torch_tokens_per_s:12.0f}{gflops:10.1f}")
-        lines += ["", f"ratio minilora / PyTorch: {r.ratio:.2f}  (goal <= 1.00)"]
+        lines.append(f"{'PyTorch eager (HF GPT-2)':34}{r.torch_step_s * 1e3:12.1f}{r.torch_tokens_per_s:12.0f}{gflops:10.1f}")
+        lines += ["", f"minilora / PyTorch eager: {_figure(r, 'full step (with torch) / torch step', 1, 'x')}  "
+                      f"(minilora {_figure(r, 'full step (with torch)')}, PyTorch {_figure(r, 'torch step')})"]
     elif r.torch_note:
         lines += ["", r.torch_note]
     if r.lora_step_s is not None:
-        lines += [f"LoRA r=4 (Wq, Wv) step: {r.lora_step_s * 1e3:.1f} ms = {r.lora_ratio:.2f} of the full "
-                  f"fine-tuning step (goal <= 0.75)"]
+        ratio = r.spreads.get("lora step / full step (with lora)")
+        lines += [f"LoRA r=4 (Wq, Wv) / full fine-tuning step: {_figure(r, 'lora step / full step (with lora)', 1, 'x')} "
+                  f"(LoRA {_figure(r, 'lora step')}, full {_figure(r, 'full step (with lora)')}): "
+                  f"{_verdict(ratio, 0.75)}"]
     if r.torch_lora_step_s is not None:
-        lines += [f"PEFT LoRA r=4 (c_attn) step: {r.torch_lora_step_s * 1e3:.1f} ms; minilora LoRA / PEFT LoRA: "
-                  f"{r.lora_torch_ratio:.2f}"]
+        lines += [f"minilora LoRA / PEFT LoRA r=4 (c_attn) step: {_figure(r, 'lora step (with peft) / peft lora step', 1, 'x')} "
+                  f"(minilora {_figure(r, 'lora step (with peft)')}, PEFT {_figure(r, 'peft lora step')})"]
+    if r.reference_step_s is not None:
+        lines += [f"reference core (MINILORA_FAST=0, plain loop) / fast path step: "
+                  f"{_figure(r, 'reference step / full step (with reference)', 1, 'x')} "
+                  f"(reference {_figure(r, 'reference step')}, fast {_figure(r, 'full step (with reference)')})"]
     if r.matmul_peak_gflops:
         lines += [f"matrix-multiply peak of this machine (1024^3 sgemm): {r.matmul_peak_gflops:.0f} GFLOP/s; the "
                   f"minilora step reaches {100 * r.minilora_gflops / r.matmul_peak_gflops:.0f}% of it"]
-    for batch, times in r.inference_ms.items():
-        ratios = r.inference_ratio.get(batch, {})
-        parts = ", ".join(f"{name} {ms:.2f} ms ({ratios[name]:.3f}x)" for name, ms in times.items() if name != "base")
-        lines += [f"inference {batch}: base {times['base']:.2f} ms, {parts} (goal: merged <= 1.02x)"]
+    for label, ms, title in (("", r.inference_ms, f"n_embd {c['n_embd']}"),
+                             ("wide ", r.wide_inference_ms, f"n_embd {r.wide_config.get('n_embd')}")):
+        if not ms:
+            continue
+        lines += ["", f"inference latency, {title} (LoRA r=4 on Wq, Wv; unmerged = the two-step adapter):"]
+        for batch in ms:
+            parts = [f"base {_figure(r, f'{label}inference {batch} base', 1)}"]
+            for name in ms[batch]:
+                if name == "base":
+                    continue
+                ratio_name = f"{label}inference {batch} {name} / base"
+                verdict = f" {_verdict(r.spreads.get(ratio_name), 1.02)}" if name == "lora merged" else ""
+                parts.append(f"{name} {_figure(r, f'{label}inference {batch} {name}', 1)} = "
+                             f"{_figure(r, ratio_name, 1, 'x')} of base{verdict}")
+            lines += [f"  inference {batch}: " + "; ".join(parts)]
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a one-thread minilora step's time goes (cProfile, cumulative per function):"]

@@ -8,17 +8,24 @@ from minilora import bench, cli
 def test_bench_reports_every_figure():
     config = ml.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
     with_torch = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-    result = bench.run(config, batch_size=2, steps=2, warmup=1, with_torch=with_torch, profile=True)
+    result = bench.run(config, batch_size=2, steps=2, warmup=1, with_torch=with_torch, profile=True, wide_n_embd=64)
     assert result.minilora_step_s > 0 and result.minilora_gflops > 0
-    assert result.lora_step_s > 0 and result.lora_ratio == result.lora_step_s / result.minilora_step_s
-    assert set(result.inference_ms) == {"batch 1", "batch 32"}
+    assert result.lora_step_s > 0 and result.lora_ratio > 0 and result.reference_step_s > 0
+    # a ratio is summarised from the same rounds as the two times reported beside it
+    assert result.lora_ratio == result.spreads["lora step / full step (with lora)"]["median"]
+    assert result.lora_step_s == result.spreads["lora step"]["median"]
+    for s in result.spreads.values():
+        assert s["q1"] <= s["median"] <= s["q3"] and s["n"] >= 1
+    assert set(result.inference_ms) == set(result.wide_inference_ms) == {"batch 1", "batch 32"}
     assert set(result.inference_ratio["batch 1"]) == {"lora unmerged", "lora merged", "adapters"}
-    assert result.matmul_peak_gflops > 0
+    assert result.wide_config["n_embd"] == 64
+    assert result.matmul_peak_gflops > 0 and result.cpu and result.blas
     assert "linear_forward" in result.breakdown_s and "AdamW.step" in result.breakdown_s
-    if with_torch:        # measured taking turns with PyTorch, so not exactly minilora_step_s / torch_step_s
+    if with_torch:        # measured taking turns with PyTorch
         assert result.ratio > 0 and result.torch_step_s > 0 and result.lora_torch_ratio > 0
+        assert result.ratio == result.spreads["full step (with torch) / torch step"]["median"]
     text = bench.format_result(result)
-    assert "LoRA r=4" in text and "inference batch 1" in text
+    assert "LoRA r=4" in text and "inference batch 1" in text and "reference core" in text and "n_embd 64" in text
 
 
 def test_step_flops_counts_matrix_products():

@@ -34,10 +34,11 @@ def linear_forward(x, W, b=None):
     x: (..., in) inputs; W: (in, out) weight; b: (out,) bias or None.
     Returns y: (..., out) and the cache (x, W, has_bias).
     """
-    y = x @ W                                              # (..., out)
+    x2 = x.reshape(-1, x.shape[-1])                        # (N, in): every leading axis is a row
+    y = x2 @ W                                             # (N, out) one matrix product for all rows
     if b is not None:
-        y = y + b                                          # b broadcast over every row
-    return y, (x, W, b is not None)
+        y = y + b                                          # b broadcast over the N rows
+    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
 
 
 def linear_backward(dy, cache, weight_grad=True, bias_grad=True):
@@ -98,14 +99,15 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return out, (xhat, w, rstd)
 
 
-def layernorm_backward(dout, cache):
-    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,)."""
+def layernorm_backward(dout, cache, param_grad=True):
+    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,); dw and db are None
+    when not param_grad (a frozen LayerNorm)."""
     xhat, w, rstd = cache
     C = xhat.shape[-1]
     rows = dout.reshape(-1, C)                             # (N, C)
     xhat2 = xhat.reshape(-1, C)                            # (N, C)
-    db = rows.sum(axis=0)                                  # fwd: out = xhat * w + b
-    dw = (rows * xhat2).sum(axis=0)                        # fwd: out = xhat * w + b
+    db = rows.sum(axis=0) if param_grad else None          # fwd: out = xhat * w + b
+    dw = (rows * xhat2).sum(axis=0) if param_grad else None   # fwd: out = xhat * w + b
     dxhat = rows * w                                       # fwd: out = xhat * w + b
     # fwd: xhat = (x - mean(x)) * rstd(x): three paths from x (directly, through the mean, through the
     # variance; llm.c doc/layernorm) give  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
@@ -127,7 +129,7 @@ def gelu_forward(x):
     x: any shape. Returns out (same shape) and the cache (x, t) with t = tanh(u).
     """
     xp = get_array_module(x)
-    u = GELU_K * (x + GELU_C * x ** 3)
+    u = GELU_K * (x + GELU_C * x * x * x)
     t = xp.tanh(u)
     out = 0.5 * x * (1.0 + t)
     return out, (x, t)
@@ -136,8 +138,8 @@ def gelu_forward(x):
 def gelu_backward(dout, cache):
     """Gradient of the tanh GELU. dout: the shape of x. Returns dx: the shape of x."""
     x, t = cache
-    du_dx = GELU_K * (1.0 + 3.0 * GELU_C * x ** 2)         # fwd: u = k (x + 0.044715 x^3)
-    dt_dx = (1.0 - t ** 2) * du_dx                         # fwd: t = tanh(u), d tanh(u)/du = 1 - tanh(u)^2
+    du_dx = GELU_K * (1.0 + 3.0 * GELU_C * x * x)          # fwd: u = k (x + 0.044715 x^3)
+    dt_dx = (1.0 - t * t) * du_dx                          # fwd: t = tanh(u), d tanh(u)/du = 1 - tanh(u)^2
     dout_dx = 0.5 * (1.0 + t) + 0.5 * x * dt_dx            # fwd: out = 0.5 x (1 + t)
     return dout * dout_dx
 

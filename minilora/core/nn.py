@@ -264,9 +264,11 @@ class LayerNorm(Module):
         return out
 
     def backward(self, dout):
-        dx, dw, db = F.layernorm_backward(dout, self._pop_cache())
-        self.weight.accumulate_grad(dw)              # accumulate_grad ignores a frozen parameter
-        self.bias.accumulate_grad(db)
+        trainable = self.weight.trainable or self.bias.trainable
+        dx, dw, db = F.layernorm_backward(dout, self._pop_cache(), param_grad=trainable)
+        if trainable:
+            self.weight.accumulate_grad(dw)          # accumulate_grad ignores a frozen one of the two
+            self.bias.accumulate_grad(db)
         return dx
 
 

@@ -11,8 +11,9 @@ def tune_host_allocator() -> bool:
 
     A training step creates and frees hundreds of temporaries of several MB. By default glibc gives each
     block above 128 KB its own fresh memory map and returns it to the operating system when freed, so every
-    new temporary starts with thousands of page faults that cost a noticeable share of a step. Raising the map threshold and the trim threshold keeps that memory for reuse (the process
-    keeps its peak memory instead of shrinking).
+    new temporary starts with thousands of page faults, a noticeable share of a step. Raising the map
+    threshold and the trim threshold keeps that memory for reuse (the process keeps its peak memory instead of
+    shrinking).
 
     A process-wide setting, so the library never makes it by itself: the ``minilora`` command and the
     benchmark opt in (``MINILORA_TUNE_MALLOC=0`` keeps them from doing so); a notebook or script may call it.

@@ -110,6 +110,8 @@ def layernorm_forward(x, w, b, eps=1e-5):
     x: (..., C); w, b: (C,). Returns out: (..., C) and the cache (xhat, w, rstd).
     """
     xp = get_array_module(x)
+    if xp is not numpy:
+        return _layernorm_forward_gpu(x, w, b, eps)
     mean = x.mean(axis=-1, keepdims=True)          # (..., 1)
     xhat = x - mean                                # (..., C) centred
     var = _row_dot(xhat, xhat)[..., None] * (1.0 / x.shape[-1])   # (..., 1) biased variance, as torch
@@ -120,15 +122,17 @@ def layernorm_forward(x, w, b, eps=1e-5):
     return out, (xhat, w, rstd)
 
 
-def layernorm_backward(dout, cache):
-    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,)."""
+def layernorm_backward(dout, cache, param_grad=True):
+    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,) (None, None if frozen)."""
     xhat, w, rstd = cache
     xp = get_array_module(dout)
     C = xhat.shape[-1]
     rows, xhat_rows = dout.reshape(-1, C), xhat.reshape(-1, C)     # (N, C)
+    if xp is not numpy:
+        return _layernorm_backward_gpu(dout, rows, xhat_rows, w, rstd, param_grad)
     dout_xhat = rows * xhat_rows                                   # (N, C)
-    db = rows.sum(axis=0)                                          # fwd: out = xhat * w + b
-    dw = dout_xhat.sum(axis=0)                                     # fwd: out = xhat * w + b
+    db = rows.sum(axis=0) if param_grad else None                  # fwd: out = xhat * w + b
+    dw = dout_xhat.sum(axis=0) if param_grad else None             # fwd: out = xhat * w + b
     # fwd: out = xhat * w + b                    ->  dxhat = dout * w
     # fwd: xhat = (x - mean(x)) * rstd(x)        ->  dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
     # (the direct path, the path through the mean, the path through the variance; llm.c doc/layernorm).
@@ -140,6 +144,33 @@ def layernorm_backward(dout, cache):
     dx -= mean_dxhat
     dx -= xp.multiply(xhat_rows, mean_dxhat_xhat, out=dout_xhat)   # reuses dout * xhat's memory, no longer needed
     dx *= rstd.reshape(-1, 1)
+    return dx.reshape(dout.shape), dw, db
+
+
+# The same two functions with fewer GPU kernels: on CuPy a step is bound by kernel launches, so the
+# per-element tails of the formulas above run as one kernel each.
+
+
+def _layernorm_forward_gpu(x, w, b, eps):
+    mean = x.mean(axis=-1, keepdims=True)                          # (..., 1)
+    centred = x - mean                                             # (..., C)
+    sum_sq = (centred * centred).sum(axis=-1, keepdims=True)      # (..., 1)
+    rstd = elementwise_kernel("T sum_sq, float64 inv_c, float64 eps", "T rstd", kernels.LAYERNORM_RSTD,
+                              "minilora_layernorm_rstd")(sum_sq, 1.0 / x.shape[-1], eps)
+    xhat, out = elementwise_kernel("T centred, T rstd, T w, T b", "T xhat, T out", kernels.LAYERNORM_OUT,
+                                   "minilora_layernorm_out")(centred, rstd, w, b)
+    return out, (xhat, w, rstd)
+
+
+def _layernorm_backward_gpu(dout, rows, xhat_rows, w, rstd, param_grad):
+    dout_xhat = rows * xhat_rows                                   # (N, C)
+    db, dw = (rows.sum(axis=0), dout_xhat.sum(axis=0)) if param_grad else (None, None)
+    # dx = rstd * (dout * w - mean(dxhat) - xhat * mean(dxhat * xhat)), the row sums as matrix-vector products
+    dx = elementwise_kernel(
+        "T dout, T xhat, T w, T sum_dxhat, T sum_dxhat_xhat, T rstd, float64 inv_c", "T dx",
+        kernels.LAYERNORM_BACKWARD, "minilora_layernorm_backward")(
+            rows, xhat_rows, w, (rows @ w)[:, None], (dout_xhat @ w)[:, None], rstd.reshape(-1, 1),
+            1.0 / rows.shape[1])
     return dx.reshape(dout.shape), dw, db
 
 

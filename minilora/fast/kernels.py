@@ -32,6 +32,11 @@ GELU_BACKWARD = """
     dx = (T)0.5 * ((T)1 + t - a) * dout;
 """
 
+# LayerNorm: rstd = 1 / sqrt(var + eps); xhat = (x - mean) rstd, out = xhat w + b; and its input gradient
+LAYERNORM_RSTD = "rstd = (T)1 / sqrt(sum_sq * (T)inv_c + (T)eps);"
+LAYERNORM_OUT = "xhat = centred * rstd;  out = xhat * w + b;"
+LAYERNORM_BACKWARD = "dx = rstd * (dout * w - (T)inv_c * sum_dxhat - xhat * ((T)inv_c * sum_dxhat_xhat));"
+
 # AdamW's update of one parameter (the formula of core.optim.adamw_update, per element)
 ADAMW = """
     p = p * (T)decay;                                                   // p -= lr * weight_decay * p

@@ -17,6 +17,10 @@ generators, so a run is reproducible (and resumes exactly) for a given number of
 threads draws different masks from a run with 1.
 
 On CuPy this is pointless (the GPU is already parallel): ``threads`` is 1 there.
+
+This is part of the fast path: ``train.fit`` uses it when it runs more than one thread (by default on NumPy's
+fast path); ``fit(TrainConfig(threads=1))`` and the reference core (``MINILORA_FAST=0``) run the plain loop,
+``train.forward_backward``, which computes the same gradient on the whole batch at once.
 """
 from __future__ import annotations
 
@@ -49,8 +53,8 @@ def _blas_controller():
 
 
 SLICE_TOKENS = 512      # tokens per slice on NumPy: a (512, 4C) float32 activation of the default model is 1 MB,
-                        # so a slice's arrays stay in a core's 2 MB L2 cache (measured: 167 ms a step at 512
-                        # tokens, 182 ms at 2048, 223 ms at 128 where Python's per-call overhead takes over)
+                        # so a slice's arrays stay in a core's L2 cache; much smaller slices pay Python's
+                        # per-call overhead more often than they gain (``minilora bench`` shows the step time)
 
 
 class ParallelStep:

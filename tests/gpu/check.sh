@@ -6,7 +6,7 @@
 #   2. the same step on NumPy with 2 threads on 2 cores of this machine (the goal compares with it);
 #   3. where the GPU step's time goes: host time against device time per part (profile_step.py);
 #   4. CuPy against NumPy: gradient checks on the GPU, the model and every method, training, merge, files,
-#      generation (tests/gpu/);
+#      generation (tests/gpu/); then every fast function against its reference on the GPU (tests/test_fast.py);
 #   5. the whole test suite with MINILORA_BACKEND=cupy.
 # JSON, the scaling plot and the two pytest logs go to ${OUT:-gpu-check}/ (7 files); everything else is printed,
 # the summary last. With the device tool: CHECK_SECONDS=400 bash tests/gpu/check.sh > $OUT/check.log 2>&1
@@ -29,6 +29,8 @@ echo "== 3. host time against device time"
 timeout 90 $PY tests/gpu/profile_step.py "$OUT/profile_step.json" 2>&1
 echo "== 4. CuPy parity tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -rfE tests/gpu 2>&1 | tee "$OUT/parity.log" | tail -15
+echo "== 4b. the fast path against the reference core, on the GPU"
+MINILORA_BACKEND=cupy timeout 90 $PY -m pytest -q -p no:cacheprovider -rfE tests/test_fast.py 2>&1 | tail -15
 echo "== 5. the whole suite on the CuPy backend"
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 BUDGET=${CHECK_SECONDS:-560}                 # the suite gets what is left of the whole check's time
