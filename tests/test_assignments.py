@@ -94,6 +94,17 @@ def test_every_item_has_a_planted_bug():
     assert {(b[0], b[1]) for b in BUGS} == {(n, i.function) for n in ASSIGNMENTS for i in ITEMS[n]}
 
 
+def test_layer_pairs_are_graded_on_the_gradient_check_cases():
+    """Every item that is a layer pair is graded on that pair's cases in the gradient-check registry, the cases
+    ``minilora gradcheck`` and tests/test_gradcheck.py check (T = 1, dropout, LoRA with W frozen ...)."""
+    pairs = {"linear_backward": "linear", "layernorm_backward": "layernorm", "gelu_backward": "gelu",
+             "attention_backward": "attention", "softmax_cross_entropy": "cross-entropy", "lora_forward": "lora",
+             "lora_backward": "lora"}
+    items = {item.function: item for name in ASSIGNMENTS for item in ITEMS[name]}
+    for function, pair in pairs.items():
+        assert [name for name, _ in items[function].cases()] == [c.name for c in gradcheck.cases_of(pair)], function
+
+
 def test_feedback_names_the_wrong_gradient_and_by_how_much(tmp_path):
     report = grade("layers", planted(tmp_path, "layers", "dW = x2.T @ dy2", "dW = 1.5 * (x2.T @ dy2)"))
     feedback = report.item("linear_backward").feedback

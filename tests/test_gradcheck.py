@@ -1,8 +1,10 @@
 """Ring 1 of the verification: every hand-written backward against centred differences in float64.
 
-Each functional layer is checked on several (B, T, C) shapes (T = 1, one head, C not a power of two),
-each case its own test id; the whole GPT by a directional derivative. The checker itself is checked too:
-it must leave its inputs alone and it must catch a deliberately wrong backward.
+The cases are the registry of minilora.gradcheck (``gc.CASES``: every pair on several (B, T, C) shapes with
+T = 1, one head, C not a power of two, dropout, prefix keys, LoRA with and without bias and with W frozen or
+trained...), each case its own test id; whole GPTs (``gc.MODEL_CASES``) by a directional derivative. The same
+registry drives ``minilora gradcheck`` and the course grader. The checker itself is checked too: it must
+leave its inputs alone and it must catch a deliberately wrong backward.
 """
 import math
 
@@ -14,156 +16,100 @@ from minilora import cli
 from minilora import functional as F
 from minilora import gradcheck as gc
 from minilora.nn import Linear
-from helpers import host, numpy_only
+from helpers import dev, host, numpy_only
 
 THRESHOLD = 1e-7      # DESIGN.md: CS231n's threshold for a correct backward in float64
 CAUGHT = 1e-3         # a wrong backward must be at least this far off
-
-SHAPES = [(2, 3, 8), (1, 1, 6), (2, 5, 12), (3, 4, 10), (1, 7, 6)]   # (B, T, C): T = 1, C = 6, 10, 12
-
-
-def shape_id(shape):
-    return "B{}-T{}-C{}".format(*shape)
 
 
 def randn(rng, *shape, scale=1.0):
     return rng.standard_normal(shape) * scale
 
 
+def case_id(case):
+    return case.name
+
+
 # ----------------------------------------------------------------------------------------------------
-# Each case: (rng, B, T, C) -> (forward(**inputs) -> (out, cache), backward(dout, cache) -> {name: grad}, inputs).
-# Only float64 arrays among the inputs are checked; anything else (indices, None) is passed through.
+# every case of the registry
 
 
-def linear_case(rng, B, T, C):
-    return (F.linear_forward,
-            lambda d, c: dict(zip(("x", "W", "b"), F.linear_backward(d, c))),
-            dict(x=randn(rng, B, T, C), W=randn(rng, C, C + 3), b=randn(rng, C + 3)))
-
-
-def linear_no_bias_case(rng, B, T, C):
-    return (F.linear_forward,
-            lambda d, c: dict(zip(("x", "W", "b"), F.linear_backward(d, c))),
-            dict(x=randn(rng, B, T, C), W=randn(rng, C, 2 * C - 1), b=None))
-
-
-def embedding_case(rng, B, T, C):
-    V = 3   # fewer rows than tokens, so ids repeat and the scatter-add must accumulate
-    return (lambda W, idx: F.embedding_forward(idx, W),
-            lambda d, c: {"W": F.embedding_backward(d, c)},
-            dict(W=randn(rng, V, C), idx=rng.integers(0, V, size=(B, T))))
-
-
-def layernorm_case(rng, B, T, C):
-    return (F.layernorm_forward,
-            lambda d, c: dict(zip(("x", "w", "b"), F.layernorm_backward(d, c))),
-            dict(x=randn(rng, B, T, C, scale=2.0) + 1.5, w=randn(rng, C), b=randn(rng, C)))
-
-
-def gelu_case(rng, B, T, C):
-    return (F.gelu_forward,
-            lambda d, c: {"x": F.gelu_backward(d, c)},
-            dict(x=randn(rng, B, T, C, scale=2.0)))
-
-
-def dropout_case(rng, B, T, C):
-    return (lambda x: F.dropout_forward(x, 0.4, np.random.default_rng(5)),   # same mask every call
-            lambda d, c: {"x": F.dropout_backward(d, c)},
-            dict(x=randn(rng, B, T, C)))
-
-
-def attention_case(n_head, dropout_p=0.0):
-    """n_head: a number, or a function of C."""
-    def case(rng, B, T, C):
-        H = n_head(C) if callable(n_head) else n_head
-        return (lambda q, k, v: F.attention_forward(q, k, v, H, dropout_p,
-                                                    np.random.default_rng(5) if dropout_p else None),
-                lambda d, c: dict(zip(("q", "k", "v"), F.attention_backward(d, c))),
-                dict(q=randn(rng, B, T, C), k=randn(rng, B, T, C), v=randn(rng, B, T, C)))
-    return case
-
-
-def cross_entropy_case(ignore_index):
-    def case(rng, B, T, C):
-        targets = rng.integers(0, C, size=(B, T))
-        if ignore_index is not None and targets.size > 1:
-            targets[0, 0] = ignore_index
-        return (lambda logits: ce_as_layer(logits, targets, ignore_index),
-                lambda d, c: {"logits": c * float(d)},
-                dict(logits=randn(rng, B, T, C, scale=3.0)))
-    return case
-
-
-def ce_as_layer(logits, targets, ignore_index):
-    """Cross-entropy as a layer with scalar output; its cache is dlogits (the gradient of the loss itself)."""
-    loss, dlogits = F.softmax_cross_entropy(logits, targets, ignore_index)
-    return np.asarray(loss), dlogits
-
-
-LAYERS = {
-    "linear": linear_case,
-    "linear-no-bias": linear_no_bias_case,
-    "embedding": embedding_case,
-    "layernorm": layernorm_case,
-    "gelu": gelu_case,
-    "dropout": dropout_case,
-    "attention-1-head": attention_case(1),
-    "attention-2-heads": attention_case(2),
-    "attention-head-size-2": attention_case(lambda C: C // 2),
-    "attention-2-heads-dropout": attention_case(2, dropout_p=0.3),
-    "cross-entropy": cross_entropy_case(None),
-    "cross-entropy-ignore-index": cross_entropy_case(-100),
-}
-
-
-def run_case(layer, shape, seed=0):
-    B, T, C = shape
-    rng = np.random.default_rng(seed)
-    forward, backward, inputs = LAYERS[layer](rng, B, T, C)
-    return gc.check_layer(layer, forward, backward, inputs, seed=seed)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-@pytest.mark.parametrize("layer", list(LAYERS))
-def test_layer_backward_matches_finite_differences(layer, shape):
-    results = run_case(layer, shape)
-    expected = {"linear-no-bias": 2, "embedding": 1, "layernorm": 3, "gelu": 1, "dropout": 1,
-                "cross-entropy": 1, "cross-entropy-ignore-index": 1}.get(layer, 3)
-    assert len(results) == expected, [r.param for r in results]    # every float input was checked
+@pytest.mark.parametrize("case", gc.CASES, ids=case_id)
+def test_backward_matches_finite_differences(case):
+    results = gc.run_case(case)
+    assert [r.param for r in results] == list(case.wrt)     # every input that gets a gradient was checked
     for r in results:
-        assert r.rel_error <= THRESHOLD, f"{layer} {shape} d{r.param}: rel error {r.rel_error:.2e}"
+        assert r.rel_error <= THRESHOLD, f"{case.name} d{r.param}: rel error {r.rel_error:.2e}"
         assert r.passed
 
 
-@pytest.mark.parametrize("layer", list(LAYERS))
-def test_layer_pairs_are_pure_functions(layer):
-    """Neither half writes into its arguments, and a cache can be used twice (in-place speed-ups stay inside)."""
-    B, T, C = 2, 4, 6
-    rng = np.random.default_rng(3)
-    forward, backward, inputs = LAYERS[layer](rng, B, T, C)
-    saved = {k: v.copy() for k, v in inputs.items() if isinstance(v, np.ndarray)}
-    out, cache = forward(**inputs)
-    dout = rng.standard_normal(np.shape(out))
-    dout_saved = dout.copy()
-    first = backward(dout, cache)
-    second = backward(dout, cache)
+@pytest.mark.parametrize("case", gc.CASES, ids=case_id)
+def test_pair_is_pure_and_returns_exactly_the_gradients_of_wrt(case):
+    """Neither half writes into its arguments, a cache can be used twice (in-place speed-ups stay inside), and
+    backward returns a gradient for exactly the inputs the case checks (None for a constant or absent one)."""
+    with ml.use_fast(False):
+        inputs = case.draw(seed=3)
+        saved = {k: host(v).copy() for k, v in inputs.items() if v is not None}
+        out, cache = case.forward(**inputs)
+        dout = dev(np.random.default_rng(4).standard_normal(np.shape(out)))
+        dout_saved = host(dout).copy()
+        first = case.gradients(dout, cache)
+        second = case.gradients(dout, cache)
     for k, v in saved.items():
-        np.testing.assert_array_equal(inputs[k], v, err_msg=f"forward or backward changed input {k}")
-    np.testing.assert_array_equal(dout, dout_saved, err_msg="backward changed dout")
+        np.testing.assert_array_equal(host(inputs[k]), v, err_msg=f"forward or backward changed input {k}")
+    np.testing.assert_array_equal(host(dout), dout_saved, err_msg="backward changed dout")
     for k, g in first.items():
         if g is not None:
-            np.testing.assert_array_equal(second[k], g, err_msg=f"a second backward gave another d{k}")
+            assert g.shape == inputs[k].shape, k
+            np.testing.assert_array_equal(host(second[k]), host(g), err_msg=f"a second backward gave another d{k}")
+    assert {k for k, g in first.items() if g is not None} == set(case.wrt)
 
 
-def test_library_layer_checks_cover_every_layer_and_pass():
-    results = gc.layer_checks()
-    names = {r.layer.split(" ")[0] for r in results}
-    assert {"linear", "embedding", "layernorm", "gelu", "attention", "attention+dropout", "dropout",
-            "cross-entropy"} <= names
-    assert any("T=1" in r.layer for r in results)
-    failed = [(r.layer, r.param, r.rel_error) for r in results if not r.passed]
-    assert not failed
-    assert max(r.rel_error for r in results) <= THRESHOLD
+def first_shape(case):
+    """The shape of the case's first input: (B, T, C), or (B, T) for token ids, for the cases made per shape."""
+    return next(spec.shape for spec in case.inputs.values() if spec is not None)
+
+
+def test_registry_covers_every_pair_and_the_edge_cases():
+    names = [case.name for case in gc.CASES]
+    assert len(set(names)) == len(names), "case names are test ids: each must be unique"
+    assert {case.pair for case in gc.CASES} == set(gc.PAIRS)
+    for case in gc.CASES:
+        assert list(case.inputs) == list(gc.PAIRS[case.pair].inputs), case.name
+        assert set(case.wrt) <= set(gc.PAIRS[case.pair].grads), case.name
+    single_position = {case.pair for case in gc.CASES if len(first_shape(case)) >= 2 and first_shape(case)[1] == 1}
+    assert single_position == set(gc.PAIRS) - {"prefix MLP"}                                 # T = 1
+    assert {case.pair for case in gc.CASES if case.mask_seed is not None} == {"dropout", "attention",
+                                                                              "prefix attention", "lora"}
+    heads = {(case.options["n_head"], first_shape(case)[2]) for case in gc.cases_of("attention")}
+    assert {1, 2, 3} <= {H for H, _ in heads} and any((C // H) % 2 for H, C in heads)         # odd head size
+    assert any(case.inputs["prefix_k"].shape[0] > 1 for case in gc.cases_of("prefix attention"))    # S > T + 1
+    assert any(case.options.get("ignore_index") is not None for case in gc.cases_of("cross-entropy"))
+    lora = gc.cases_of("lora")
+    assert {case.inputs["b"] is None for case in lora} == {True, False}                    # with and without bias
+    assert {"W" in case.wrt for case in lora} == {True, False}                             # W trained and frozen
+    assert {case.inputs["A"].shape[0] for case in lora} >= {1, 2}                          # rank 1 and more
+    for pair in ("linear", "layernorm", "gelu", "lora"):                                  # fewer axes than (B, T, C)
+        assert any(len(first_shape(case)) < 3 for case in gc.cases_of(pair)), pair
+
+
+def test_library_layer_checks_are_the_registry_cases():
+    shapes = ((1, 1, 6),)
+    results = gc.layer_checks(shapes=shapes) + gc.method_layer_checks(shapes=shapes)
+    expected = [(case.name, name) for case in gc.gradient_cases(shapes) for name in case.wrt]
+    assert sorted((r.layer, r.param) for r in results) == sorted(expected)
+    assert all(r.passed for r in results), [(r.layer, r.param, r.rel_error) for r in results if not r.passed]
+
+
+def test_a_missing_gradient_fails_the_check():
+    rng = np.random.default_rng(0)
+    inputs = dict(x=dev(randn(rng, 2, 3, 5)), W=dev(randn(rng, 5, 4)), b=dev(randn(rng, 4)))
+    backward = lambda d, c: dict(zip(("x", "W", "b"), F.linear_backward(d, c, bias_grad=False)))
+    results = {r.param: r for r in gc.check_layer("linear", F.linear_forward, backward, inputs, wrt=("x", "b"))}
+    assert results["x"].passed and results["b"].rel_error == math.inf and not results["b"].passed
+    assert "W" not in results
+    with pytest.raises(ValueError, match="float64"):
+        gc.check_layer("linear", F.linear_forward, backward, {**inputs, "b": None}, wrt=("b",))
 
 
 def test_frozen_flags_skip_gradients_but_keep_the_rest():
@@ -311,29 +257,20 @@ def batch(model, B=2, T=None, seed=0):
     return (rng.integers(0, cfg.vocab_size, size=(B, T)), rng.integers(0, cfg.vocab_size, size=(B, T)))
 
 
-def test_library_model_checks_pass():
+def test_library_model_checks_are_the_registry_cases():
     results = gc.model_checks()
-    assert len(results) >= 3
+    assert [(r.layer, r.param) for r in results] == [(case.name, f"direction {d}") for case in gc.MODEL_CASES
+                                                     for d in range(gc.DIRECTIONS)]
     assert all(r.passed for r in results), [(r.layer, r.param, r.rel_error) for r in results]
 
 
-MODEL_VARIANTS = {
-    "2-layers-2-heads": dict(),
-    "1-head": dict(n_layer=1, n_head=1, n_embd=6),
-    "C=15-3-heads": dict(n_head=3, n_embd=15),
-    "dropout": dict(dropout=0.2),
-    "T=1": dict(block_size=1),
-}
-
-
-@pytest.mark.parametrize("direction_seed", [0, 1])
-@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
-def test_gpt_directional_derivative(variant, direction_seed):
-    model = tiny_gpt(**MODEL_VARIANTS[variant])
-    idx, targets = batch(model)
-    before = {k: v.copy() for k, v in model.state_dict().items()}
-    loss_fn = gc.gpt_loss_fn(idx, targets, model.dropout_rng if model.config.dropout else None)
-    r = gc.directional_check(model, loss_fn, seed=direction_seed)
+@pytest.mark.parametrize("direction_seed", range(gc.DIRECTIONS))
+@pytest.mark.parametrize("case", gc.MODEL_CASES, ids=case_id)
+def test_gpt_directional_derivative(case, direction_seed):
+    with ml.use_fast(False):
+        model, loss_fn = case.build()
+        before = {k: v.copy() for k, v in model.state_dict().items()}
+        r = gc.directional_check(model, loss_fn, seed=direction_seed)
     assert r.rel_error <= THRESHOLD, r.rel_error
     for name, value in model.state_dict().items():   # parameters restored exactly
         np.testing.assert_array_equal(host(value), host(before[name]), err_msg=name)

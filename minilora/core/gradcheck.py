@@ -13,14 +13,23 @@ Whole models get a directional-derivative check (Chainer's ``check_backward``): 
 over all parameters, (L(theta + h u) - L(theta - h u)) / 2h must equal <grad L, u>.
 
 Nothing here modifies its inputs: perturbations are made on copies.
+
+Which layers are checked, on which shapes, lives in one registry below: ``PAIRS`` (the forward/backward
+pairs) and ``CASES`` (each pair on its inputs, with the edge cases: T = 1, one head, C not a power of two,
+dropout, more keys than queries, LoRA with and without bias...), and ``MODEL_CASES`` for whole models.
+``minilora gradcheck``, the test suite and the course grader all take their cases from it, so a case added
+here is checked, tested and graded at once. The checks run on the reference core (``use_fast(False)``):
+the fast path is held to the reference by tests/test_fast.py, the reference to calculus here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy
 
-from . import backend
+from . import adapters, backend, lora, prefix
 from . import functional as F
 
 THRESHOLD = 1e-7
@@ -77,23 +86,29 @@ class CheckResult:
         return bool(self.rel_error <= self.threshold)
 
 
-def check_layer(name, forward, backward, inputs: dict, seed=0, h=1e-5, threshold=THRESHOLD):
-    """Check ``backward`` against centred differences of ``forward`` for each float input.
+def check_layer(name, forward, backward, inputs: dict, seed=0, h=1e-5, threshold=THRESHOLD, wrt=None):
+    """Check ``backward`` against centred differences of ``forward`` for each input named in ``wrt``.
 
     forward: function(**inputs) -> (out, cache); backward: function(dout, cache) -> dict {input name: grad}.
-    inputs: {name: array or other argument}; float64 arrays are checked, anything else is passed through.
-    Returns a list of CheckResult, one per checked input.
+    inputs: {name: array or other argument}; those not checked are passed through unchanged.
+    wrt: the names of the float64 array inputs to check; None checks every float64 array among the inputs.
+    An input in wrt whose gradient backward leaves out (or returns as None) fails, with an infinite error.
+    seed: of the random upstream gradient dout. Returns a list of CheckResult, one per checked input.
     """
     out, cache = forward(**inputs)
     dout = backend.get_array_module(out).asarray(numpy.random.default_rng(seed).standard_normal(out.shape))
     analytic = backward(dout, cache)
+    if wrt is None:
+        wrt = [key for key, value in inputs.items() if backend.is_array(value) and value.dtype == numpy.float64]
     results = []
-    for key, value in inputs.items():
+    for key in wrt:
+        value = inputs[key]
         if not (backend.is_array(value) and value.dtype == numpy.float64):
-            continue
+            raise ValueError(f"{name}: input {key!r} is a {type(value).__name__}; only float64 arrays can be checked")
         f = lambda v, key=key: forward(**{**inputs, key: v})[0]
         numeric = numerical_gradient(f, value, dout, h)
-        results.append(CheckResult(name, key, rel_error(analytic[key], numeric), threshold))
+        grad = analytic.get(key)
+        results.append(CheckResult(name, key, math.inf if grad is None else rel_error(grad, numeric), threshold))
     return results
 
 
@@ -129,119 +144,244 @@ def directional_check(model, loss_fn, seed=0, h=1e-5, threshold=THRESHOLD):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The checks `minilora gradcheck` runs: every functional pair, then the whole GPT.
+# The registry: the pairs, then every case. `minilora gradcheck`, tests/test_gradcheck.py and the course
+# grader (minilora/course/grade.py) all read their cases from here.
 
 
-def _f64(rng, *shape, scale=1.0):
-    return backend.asarray(rng.standard_normal(shape) * scale)
+@dataclass(frozen=True)
+class Pair:
+    """A forward/backward pair: ``forward(*inputs, **options) -> (out, cache)`` and
+    ``backward(dout, cache, **flags) -> gradients``, in the order ``grads`` names them (one name: a lone array)."""
+
+    forward: Callable
+    backward: Callable
+    inputs: tuple       # the forward's array arguments, in order
+    grads: tuple        # the input each of backward's outputs is the gradient of, in order
+    module: str         # where the pair lives: "functional", or the fine-tuning method that adds it
 
 
-def layer_checks(seed=0, shapes=((2, 3, 8), (1, 1, 6), (2, 5, 12))):
-    """Every functional layer on several (B, T, C) shapes, including T = 1 and C not a power of two."""
-    rng = numpy.random.default_rng(seed)
-    results = []
-    for B, T, C in shapes:
-        tag = f"(B={B},T={T},C={C})"
-        results += check_layer(
-            f"linear {tag}",
-            lambda x, W, b: F.linear_forward(x, W, b),
-            lambda d, c: dict(zip(("x", "W", "b"), F.linear_backward(d, c))),
-            dict(x=_f64(rng, B, T, C), W=_f64(rng, C, C + 3), b=_f64(rng, C + 3)), seed)
-        V = 7
-        idx = backend.asarray(rng.integers(0, V, size=(B, T)))
-        results += check_layer(
-            f"embedding {tag}",
-            lambda W, idx: F.embedding_forward(idx, W),
-            lambda d, c: {"W": F.embedding_backward(d, c)},
-            dict(W=_f64(rng, V, C), idx=idx), seed)
-        results += check_layer(
-            f"layernorm {tag}",
-            lambda x, w, b: F.layernorm_forward(x, w, b),
-            lambda d, c: dict(zip(("x", "w", "b"), F.layernorm_backward(d, c))),
-            dict(x=_f64(rng, B, T, C, scale=2.0), w=_f64(rng, C), b=_f64(rng, C)), seed)
-        results += check_layer(
-            f"gelu {tag}",
-            lambda x: F.gelu_forward(x),
-            lambda d, c: {"x": F.gelu_backward(d, c)},
-            dict(x=_f64(rng, B, T, C, scale=2.0)), seed)
-        for n_head in sorted({1, C // 2 if C % 2 == 0 else 1, 2 if C % 2 == 0 else 1}):
-            results += check_layer(
-                f"attention {tag} H={n_head}",
-                lambda q, k, v, n_head=n_head: F.attention_forward(q, k, v, n_head),
-                lambda d, c: dict(zip(("q", "k", "v"), F.attention_backward(d, c))),
-                dict(q=_f64(rng, B, T, C), k=_f64(rng, B, T, C), v=_f64(rng, B, T, C)), seed)
-        results += check_layer(
-            f"attention+dropout {tag}",
-            lambda q, k, v: F.attention_forward(q, k, v, 1, 0.3, backend.rng(seed)),
-            lambda d, c: dict(zip(("q", "k", "v"), F.attention_backward(d, c))),
-            dict(q=_f64(rng, B, T, C), k=_f64(rng, B, T, C), v=_f64(rng, B, T, C)), seed)
-        results += check_layer(
-            f"dropout {tag}",
-            lambda x: F.dropout_forward(x, 0.5, backend.rng(seed)),
-            lambda d, c: {"x": F.dropout_backward(d, c)},
-            dict(x=_f64(rng, B, T, C)), seed)
-        targets = rng.integers(0, C, size=(B, T))
-        if targets.size > 1:
-            targets[0, 0] = -100   # one ignored position (keep at least one counted)
-        for ignore in (None, -100):
-            tgt = backend.asarray(targets if ignore is not None else numpy.abs(targets) % C)
-            results += check_layer(
-                f"cross-entropy {tag}" + (" ignore_index" if ignore is not None else ""),
-                lambda logits, tgt=tgt, ignore=ignore: _ce_pair(logits, tgt, ignore),
-                lambda d, c: {"logits": c * float(d)},
-                dict(logits=_f64(rng, B, T, C, scale=3.0)), seed)
-    return results
-
-
-def method_layer_checks(seed=0, shapes=((2, 3, 8), (1, 1, 6), (2, 5, 12))):
-    """The layers the fine-tuning methods add: adapter, attention with prefix keys (prefix length 1 and 3,
-    with and without dropout), the prefix MLP, and LoRA."""
-    from .adapters import adapter_backward, adapter_forward
-    from .lora import lora_backward, lora_forward
-    from .prefix import prefix_attention_backward, prefix_attention_forward, prefix_mlp_backward, prefix_mlp_forward
-
-    rng = numpy.random.default_rng(seed)
-    results = []
-    for B, T, C in shapes:
-        tag = f"(B={B},T={T},C={C})"
-        m = 3
-        results += check_layer(
-            f"adapter {tag} m={m}",
-            lambda h, W_down, b_down, W_up, b_up: adapter_forward(h, W_down, b_down, W_up, b_up),
-            lambda d, c: dict(zip(("h", "W_down", "b_down", "W_up", "b_up"), adapter_backward(d, c))),
-            dict(h=_f64(rng, B, T, C), W_down=_f64(rng, C, m), b_down=_f64(rng, m), W_up=_f64(rng, m, C),
-                 b_up=_f64(rng, C)), seed)
-        n_head = 2 if C % 2 == 0 else 1
-        for P, p in ((1, 0.0), (3, 0.0), (3, 0.3)):
-            results += check_layer(
-                f"prefix attention {tag} P={P} H={n_head}" + (f" dropout {p}" if p else ""),
-                lambda q, k, v, prefix_k, prefix_v, p=p: prefix_attention_forward(
-                    q, k, v, prefix_k, prefix_v, n_head, p, backend.rng(seed) if p else None),
-                lambda d, c: dict(zip(("q", "k", "v", "prefix_k", "prefix_v"), prefix_attention_backward(d, c))),
-                dict(q=_f64(rng, B, T, C), k=_f64(rng, B, T, C), v=_f64(rng, B, T, C), prefix_k=_f64(rng, P, C),
-                     prefix_v=_f64(rng, P, C)), seed)
-        r = 2
-        for p in (0.0, 0.3):          # without dropout the adapter is folded into the frozen product
-            results += check_layer(
-                f"lora {tag} r={r}" + (f" dropout {p}" if p else ""),
-                lambda x, W, b, A, B_, p=p: lora_forward(x, W, b, A, B_, 1.5, p, backend.rng(seed) if p else None),
-                lambda d, c: dict(zip(("x", "A", "B_", "W", "b"), lora_backward(d, c, weight_grad=True, bias_grad=True))),
-                dict(x=_f64(rng, B, T, C), W=_f64(rng, C, C + 1), b=_f64(rng, C + 1), A=_f64(rng, r, C),
-                     B_=_f64(rng, C + 1, r)), seed)
-    P, C, hidden = 3, 8, 5
-    results += check_layer(
-        f"prefix MLP (P={P},C={C},hidden={hidden})",
-        lambda E, W_in, b_in, W_out, b_out: prefix_mlp_forward(E, W_in, b_in, W_out, b_out),
-        lambda d, c: dict(zip(("E", "W_in", "b_in", "W_out", "b_out"), prefix_mlp_backward(d, c))),
-        dict(E=_f64(rng, P, C), W_in=_f64(rng, C, hidden), b_in=_f64(rng, hidden), W_out=_f64(rng, hidden, 2 * C),
-             b_out=_f64(rng, 2 * C)), seed)
-    return results
-
-
-def _ce_pair(logits, targets, ignore_index):
-    """Cross-entropy as a (scalar out, cache = dlogits) pair so that check_layer can treat it as a layer."""
+def _cross_entropy_forward(logits, targets, ignore_index=None):
+    """Cross-entropy as a layer: its out is the loss (a scalar array), its cache the gradient dlogits."""
     loss, dlogits = F.softmax_cross_entropy(logits, targets, ignore_index)
-    return backend.xp().asarray(loss), dlogits
+    return backend.get_array_module(dlogits).asarray(loss), dlogits
+
+
+def _cross_entropy_backward(dout, dlogits):
+    return dlogits * float(dout)            # fwd: out = loss, whose gradient the forward already computed
+
+
+_ADAPTER = ("h", "W_down", "b_down", "W_up", "b_up")
+_PREFIX_ATTENTION = ("q", "k", "v", "prefix_k", "prefix_v")
+_PREFIX_MLP = ("E", "W_in", "b_in", "W_out", "b_out")
+
+PAIRS = {
+    "linear": Pair(F.linear_forward, F.linear_backward, ("x", "W", "b"), ("x", "W", "b"), "functional"),
+    "embedding": Pair(F.embedding_forward, F.embedding_backward, ("idx", "W"), ("W",), "functional"),
+    "layernorm": Pair(F.layernorm_forward, F.layernorm_backward, ("x", "w", "b"), ("x", "w", "b"), "functional"),
+    "gelu": Pair(F.gelu_forward, F.gelu_backward, ("x",), ("x",), "functional"),
+    "dropout": Pair(F.dropout_forward, F.dropout_backward, ("x",), ("x",), "functional"),
+    "attention": Pair(F.attention_forward, F.attention_backward, ("q", "k", "v"), ("q", "k", "v"), "functional"),
+    "cross-entropy": Pair(_cross_entropy_forward, _cross_entropy_backward, ("logits", "targets"), ("logits",),
+                          "functional"),
+    "adapter": Pair(adapters.adapter_forward, adapters.adapter_backward, _ADAPTER, _ADAPTER, "adapters"),
+    "prefix attention": Pair(prefix.prefix_attention_forward, prefix.prefix_attention_backward, _PREFIX_ATTENTION,
+                             _PREFIX_ATTENTION, "prefix"),
+    "prefix MLP": Pair(prefix.prefix_mlp_forward, prefix.prefix_mlp_backward, _PREFIX_MLP, _PREFIX_MLP, "prefix"),
+    "lora": Pair(lora.lora_forward, lora.lora_backward, ("x", "W", "b", "A", "B"), ("x", "A", "B", "W", "b"), "lora"),
+}
+
+
+@dataclass(frozen=True)
+class Normal:
+    """A float64 input: standard normal draws of this shape, times scale, plus shift."""
+
+    shape: tuple
+    scale: float = 1.0
+    shift: float = 0.0
+
+    def draw(self, rng):
+        return rng.standard_normal(self.shape) * self.scale + self.shift
+
+
+@dataclass(frozen=True)
+class Ids:
+    """An integer input (token ids, targets) in [0, n). ``ignored``, if given, replaces the first and the last
+    id, when some other position remains to be counted."""
+
+    n: int
+    shape: tuple
+    ignored: int | None = None
+
+    def draw(self, rng):
+        ids = rng.integers(0, self.n, size=self.shape)
+        if self.ignored is not None and ids.size > 2:
+            ids.flat[0] = ids.flat[-1] = self.ignored
+        return ids
+
+
+@dataclass(frozen=True)
+class Case:
+    """One gradient check: a pair of PAIRS on inputs drawn from a seed.
+
+    inputs: {argument: Normal, Ids or None}, one per array argument of the pair; wrt: the inputs whose
+    gradients are checked (the others are constants of the layer, as a frozen W is); options: the forward's
+    other arguments (n_head, dropout_p, scale...); flags: the backward's keyword arguments (weight_grad...);
+    mask_seed: for dropout, the seed of a generator made afresh on every forward call, so that every
+    evaluation of the forward draws the same mask.
+    """
+
+    pair: str
+    name: str
+    inputs: dict
+    wrt: tuple
+    options: dict = field(default_factory=dict)
+    flags: dict = field(default_factory=dict)
+    mask_seed: int | None = None
+
+    def draw(self, seed=0) -> dict:
+        """The inputs as arrays of the current backend (None stays None), drawn in argument order from seed."""
+        rng = numpy.random.default_rng(seed)
+        return {name: None if self.inputs[name] is None else backend.asarray(self.inputs[name].draw(rng))
+                for name in PAIRS[self.pair].inputs}
+
+    def arguments(self) -> dict:
+        """The forward's arguments besides the inputs, with a fresh dropout generator when there is dropout."""
+        return {**self.options, **({} if self.mask_seed is None else {"rng": backend.rng(self.mask_seed)})}
+
+    def forward(self, **inputs):
+        """The pair's forward on these inputs: (out, cache)."""
+        return PAIRS[self.pair].forward(*(inputs[name] for name in PAIRS[self.pair].inputs), **self.arguments())
+
+    def backward(self, dout, cache) -> tuple:
+        """The pair's backward, its outputs always as a tuple (in the order of the pair's ``grads``)."""
+        grads = PAIRS[self.pair].backward(dout, cache, **self.flags)
+        return grads if isinstance(grads, tuple) else (grads,)
+
+    def gradients(self, dout, cache) -> dict:
+        """The pair's backward as {input name: gradient or None}."""
+        return dict(zip(PAIRS[self.pair].grads, self.backward(dout, cache)))
+
+
+SHAPES = ((2, 3, 8), (1, 1, 6), (2, 5, 12), (3, 4, 10), (1, 7, 6))
+"""(B, T, C) of the cases made for every shape: T = 1 (one position, so the softmax is constant), B = 1,
+and widths that are not powers of two."""
+
+
+def _heads(C):
+    """The head counts checked at width C: one, two and three heads, and heads of size 2, where they divide C."""
+    return sorted({H for H in (1, 2, 3, C // 2) if H > 0 and C % H == 0})
+
+
+def gradient_cases(shapes=SHAPES) -> list:
+    """Every gradient-check case: each pair on every (B, T, C) of ``shapes``, then the cases of fixed shapes."""
+    cases = []
+    for B, T, C in shapes:
+        at = f"(B={B},T={T},C={C})"
+        btc = Normal((B, T, C))
+        even = C % 2 == 0
+        cases += [
+            Case("linear", f"linear {at}", dict(x=btc, W=Normal((C, C + 3)), b=Normal((C + 3,))), ("x", "W", "b")),
+            Case("linear", f"linear no bias {at}", dict(x=btc, W=Normal((C, 2 * C - 1)), b=None), ("x", "W")),
+            # V = 3: ids repeat, so the scatter-add must accumulate; V = 7: some rows unused get a zero gradient
+            Case("embedding", f"embedding V=3 {at}", dict(idx=Ids(3, (B, T)), W=Normal((3, C))), ("W",)),
+            Case("embedding", f"embedding V=7 {at}", dict(idx=Ids(7, (B, T)), W=Normal((7, C))), ("W",)),
+            # a mean away from 0 and a spread away from 1, so that neither step of the normalisation is a no-op
+            Case("layernorm", f"layernorm {at}",
+                 dict(x=Normal((B, T, C), scale=2.0, shift=1.5), w=Normal((C,)), b=Normal((C,))), ("x", "w", "b")),
+            Case("gelu", f"gelu {at}", dict(x=Normal((B, T, C), scale=2.0)), ("x",)),
+            Case("dropout", f"dropout 0.5 {at}", dict(x=btc), ("x",), options=dict(p=0.5), mask_seed=5),
+        ]
+        cases += [Case("attention", f"attention H={H} {at}", dict(q=btc, k=btc, v=btc), ("q", "k", "v"),
+                       options=dict(n_head=H)) for H in _heads(C)]
+        cases += [Case("attention", f"attention H={H} dropout 0.3 {at}", dict(q=btc, k=btc, v=btc), ("q", "k", "v"),
+                       options=dict(n_head=H, dropout_p=0.3), mask_seed=5) for H in ((1, 2) if even else (1,))]
+        # logits scaled by 3 so that the softmax is far from uniform; ignore_index at the first and last position
+        cases += [
+            Case("cross-entropy", f"cross-entropy {at}",
+                 dict(logits=Normal((B, T, C), scale=3.0), targets=Ids(C, (B, T))), ("logits",)),
+            Case("cross-entropy", f"cross-entropy ignore_index {at}",
+                 dict(logits=Normal((B, T, C), scale=3.0), targets=Ids(C, (B, T), ignored=-100)), ("logits",),
+                 options=dict(ignore_index=-100)),
+        ]
+
+        # the layers the fine-tuning methods add
+        H = 2 if even else 1
+        cases.append(Case("adapter", f"adapter m=3 {at}", dict(h=btc, W_down=Normal((C, 3)), b_down=Normal((3,)),
+                                                               W_up=Normal((3, C)), b_up=Normal((C,))), _ADAPTER))
+        # P prefix keys in front of the T keys: more keys than queries (S = P + T > T), one prefix row and several
+        cases += [Case("prefix attention", f"prefix attention P={P} H={H}" + (f" dropout {p}" if p else "") + f" {at}",
+                       dict(q=btc, k=btc, v=btc, prefix_k=Normal((P, C)), prefix_v=Normal((P, C))), _PREFIX_ATTENTION,
+                       options=dict(n_head=H, dropout_p=p), mask_seed=5 if p else None)
+                  for P, p in ((1, 0.0), (3, 0.0), (3, 0.3))]
+        # LoRA with in != out and r > 1, so that a transposed A or B cannot have the right shape; W and b trainable
+        # (weight_grad, bias_grad) or frozen, as LoRA usually leaves them (backward must then skip their gradients)
+        cases += [Case("lora", "lora r=2" + (f" dropout {p}" if p else "") + ("" if trained else " W, b frozen")
+                       + f" {at}",
+                       dict(x=btc, W=Normal((C, C + 1)), b=Normal((C + 1,)), A=Normal((2, C)), B=Normal((C + 1, 2))),
+                       ("x", "A", "B", "W", "b") if trained else ("x", "A", "B"),
+                       options=dict(scale=1.5, dropout_p=p), flags=dict(weight_grad=trained, bias_grad=trained),
+                       mask_seed=5 if p else None)
+                  for p in (0.0, 0.3) for trained in (True, False)]
+
+    # fixed shapes: inputs with fewer axes than (B, T, C), a wide GELU input, an odd vocabulary, LoRA without
+    # bias and of rank 1
+    cases += [
+        Case("linear", "linear x (5, 4)", dict(x=Normal((5, 4)), W=Normal((4, 3)), b=Normal((3,))), ("x", "W", "b")),
+        Case("layernorm", "layernorm x (4, 10)",
+             dict(x=Normal((4, 10), scale=2.0, shift=1.5), w=Normal((10,)), b=Normal((10,))), ("x", "w", "b")),
+        # scale 4 reaches both tails of the tanh, where its derivative is nearly 0
+        Case("gelu", "gelu x (7,) scale 4", dict(x=Normal((7,), scale=4.0)), ("x",)),
+        Case("cross-entropy", "cross-entropy ignore_index logits (3, 4, 7)",
+             dict(logits=Normal((3, 4, 7), scale=3.0), targets=Ids(7, (3, 4), ignored=-100)), ("logits",),
+             options=dict(ignore_index=-100)),
+        Case("lora", "lora r=3 x (6, 5), no bias",
+             dict(x=Normal((6, 5)), W=Normal((5, 3)), b=None, A=Normal((3, 5)), B=Normal((3, 3))), ("x", "A", "B", "W"),
+             options=dict(scale=1.5), flags=dict(weight_grad=True, bias_grad=True)),
+        Case("lora", "lora r=3 x (6, 5), no bias, W frozen",
+             dict(x=Normal((6, 5)), W=Normal((5, 3)), b=None, A=Normal((3, 5)), B=Normal((3, 3))), ("x", "A", "B"),
+             options=dict(scale=1.5)),
+        Case("lora", "lora r=1 (B=1,T=1,C=6)",
+             dict(x=Normal((1, 1, 6)), W=Normal((6, 6)), b=Normal((6,)), A=Normal((1, 6)), B=Normal((6, 1))),
+             ("x", "A", "B", "W", "b"), options=dict(scale=0.5), flags=dict(weight_grad=True, bias_grad=True)),
+        Case("prefix MLP", "prefix MLP (P=3,C=8,hidden=5)",
+             dict(E=Normal((3, 8)), W_in=Normal((8, 5)), b_in=Normal((5,)), W_out=Normal((5, 16)), b_out=Normal((16,))),
+             _PREFIX_MLP),
+    ]
+    return cases
+
+
+CASES = gradient_cases()
+
+
+def cases_of(pair: str) -> list:
+    """The cases of one pair of PAIRS, in registry order."""
+    if pair not in PAIRS:
+        raise ValueError(f"unknown pair {pair!r}; expected one of {', '.join(PAIRS)}")
+    return [case for case in CASES if case.pair == pair]
+
+
+def run_case(case: Case, seed=0, h=1e-5, threshold=THRESHOLD) -> list:
+    """Check one case on the reference core. Returns one CheckResult per input of case.wrt, in that order."""
+    with backend.use_fast(False):     # the methods' pairs call functional's: the reference pairs here too
+        # dout from a stream of its own: drawn from the inputs' stream it would repeat them (gelu's dout = x / 2)
+        return check_layer(case.name, case.forward, case.gradients, case.draw(seed), seed=seed + 1, h=h,
+                           threshold=threshold, wrt=case.wrt)
+
+
+def layer_checks(seed=0, shapes=SHAPES):
+    """The cases of the functional pairs (the transformer's layers), on these (B, T, C) and the fixed shapes."""
+    return [r for case in gradient_cases(shapes) if PAIRS[case.pair].module == "functional"
+            for r in run_case(case, seed)]
+
+
+def method_layer_checks(seed=0, shapes=SHAPES):
+    """The cases of the pairs the fine-tuning methods add: adapter, prefix attention, prefix MLP and LoRA."""
+    return [r for case in gradient_cases(shapes) if PAIRS[case.pair].module != "functional"
+            for r in run_case(case, seed)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Whole models: a directional derivative per case and direction.
 
 
 def randomize_parameters(model, seed=0, scale=0.1):
@@ -277,29 +417,51 @@ def gpt_loss_fn(idx, targets, dropout_rng=None):
     return run
 
 
-def model_checks(seed=0):
-    """The whole GPT in float64: directional derivative along random directions, on a few small configs."""
-    from .model import GPT, GPTConfig
+@dataclass(frozen=True)
+class ModelCase:
+    """A whole GPT in float64 for the directional check: its config, on a batch of 2 sequences of block_size."""
 
-    results = []
-    configs = [
-        GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12),
-        GPTConfig(vocab_size=7, block_size=5, n_layer=1, n_head=1, n_embd=6),
-        GPTConfig(vocab_size=13, block_size=6, n_layer=2, n_head=3, n_embd=18, dropout=0.2),
-    ]
-    rng = numpy.random.default_rng(seed)
-    for cfg in configs:
+    name: str
+    config: dict        # GPTConfig's fields
+
+    def build(self, seed=0):
+        """(model, loss_fn): the model with every parameter randomised, and gpt_loss_fn on a batch drawn from seed."""
+        from .model import GPT, GPTConfig
+
+        cfg = GPTConfig(**self.config)
         model = GPT(cfg, seed=seed, dtype="float64")
         randomize_parameters(model, seed)
+        rng = numpy.random.default_rng(seed)
         idx = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, cfg.block_size)))
         targets = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, cfg.block_size)))
-        for direction_seed in range(3):
-            loss_fn = gpt_loss_fn(idx, targets, model.dropout_rng if cfg.dropout else None)
-            r = directional_check(model, loss_fn, seed=direction_seed)
-            r.layer = f"GPT(L={cfg.n_layer},H={cfg.n_head},C={cfg.n_embd})"
-            r.param = f"direction {direction_seed}"
-            results.append(r)
-    return results
+        return model, gpt_loss_fn(idx, targets, model.dropout_rng if cfg.dropout else None)
+
+
+MODEL_CASES = (
+    ModelCase("GPT(L=2,H=2,C=12)", dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12)),
+    ModelCase("GPT(L=1,H=1,C=6)", dict(vocab_size=7, block_size=5, n_layer=1, n_head=1, n_embd=6)),
+    ModelCase("GPT(L=2,H=3,C=15)", dict(vocab_size=11, block_size=6, n_layer=2, n_head=3, n_embd=15)),   # odd head size
+    ModelCase("GPT(L=2,H=3,C=18) dropout 0.2",
+              dict(vocab_size=13, block_size=6, n_layer=2, n_head=3, n_embd=18, dropout=0.2)),
+    ModelCase("GPT(L=2,H=2,C=10) dropout 0.2",
+              dict(vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=10, dropout=0.2)),
+    ModelCase("GPT(L=2,H=2,C=10) T=1", dict(vocab_size=11, block_size=1, n_layer=2, n_head=2, n_embd=10)),
+)
+DIRECTIONS = 3      # random directions per model: each one checks a different combination of every gradient
+
+
+def run_model_case(case: ModelCase, direction_seed=0, seed=0) -> CheckResult:
+    """The directional check of one model case along one random direction, on the reference core."""
+    with backend.use_fast(False):
+        model, loss_fn = case.build(seed)
+        result = directional_check(model, loss_fn, seed=direction_seed)
+    result.layer, result.param = case.name, f"direction {direction_seed}"
+    return result
+
+
+def model_checks(seed=0):
+    """Every model case along DIRECTIONS random directions."""
+    return [run_model_case(case, direction, seed) for case in MODEL_CASES for direction in range(DIRECTIONS)]
 
 
 def format_table(results) -> str:
@@ -313,8 +475,9 @@ def format_table(results) -> str:
 
 
 def method_model_checks(seed=0):
-    """Every fine-tuning method on a small float64 GPT with dropout: directional derivative over exactly the
-    parameters the method trains (its additions are randomised first, so zero initialisations hide nothing)."""
+    """Every fine-tuning method on a small float64 GPT with dropout, on the reference core: directional
+    derivative over exactly the parameters the method trains (its additions are randomised first, so zero
+    initialisations hide nothing)."""
     from .adapters import AdapterConfig
     from .lora import LoRAConfig
     from .methods import METHODS, MethodSettings, apply_method
@@ -330,11 +493,12 @@ def method_model_checks(seed=0):
     idx = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
     targets = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
     results = []
-    for name in METHODS:
-        model = GPT(cfg, seed=seed, dtype="float64")
-        apply_method(model, name, settings, seed=seed)
-        randomize_parameters(model, seed)
-        r = directional_check(model, gpt_loss_fn(idx, targets, dropout_generators(model)), seed=seed)
-        r.layer, r.param = f"GPT + {name}", f"{model.num_parameters(trainable_only=True)} trainable"
-        results.append(r)
+    with backend.use_fast(False):
+        for name in METHODS:
+            model = GPT(cfg, seed=seed, dtype="float64")
+            apply_method(model, name, settings, seed=seed)
+            randomize_parameters(model, seed)
+            r = directional_check(model, gpt_loss_fn(idx, targets, dropout_generators(model)), seed=seed)
+            r.layer, r.param = f"GPT + {name}", f"{model.num_parameters(trainable_only=True)} trainable"
+            results.append(r)
     return results

@@ -12,6 +12,10 @@ Items are independent, so that a bug costs exactly the points of the function it
 
 A student function that raises, returns the wrong type or shape, or a file that does not even import, scores
 zero for the items concerned, with the reason in the feedback; the grader itself never fails on student code.
+
+The items that are layer pairs (every backward, softmax_cross_entropy, lora_forward) are graded on the cases
+of the gradient-check registry (``gradcheck.CASES``), the ones ``minilora gradcheck`` and the tests check: a
+case added there is graded too. minilora's side runs on the reference core (``use_fast(False)``).
 """
 from __future__ import annotations
 
@@ -164,127 +168,66 @@ def _randn(rng, *shape, scale=1.0, shift=0.0):
     return rng.standard_normal(shape) * scale + shift
 
 
-def _backward_case(name, forward, args, backward, labels, seed, **flags):
-    """A backward checked on minilora's forward cache: the student gets dout and a private copy of the cache.
-
-    flags: keyword arguments passed to both backwards (lora_backward's weight_grad, bias_grad).
-    """
-    out, cache = forward(*args)
-    dout = _randn(numpy.random.default_rng(seed), *out.shape)
-    want = backward(dout.copy(), copy.deepcopy(cache), **flags)
-    want = want if isinstance(want, tuple) else (want,)
-
-    def run(fn):
-        got = fn(dout.copy(), copy.deepcopy(cache), **flags)
-        return _compare_all(name, labels, got if len(labels) > 1 else (got,), want)
-
-    return name, run
+def _upstream(out):
+    """The upstream gradient of a case: random, from a stream other than the inputs' (as the gradient check's)."""
+    return _randn(numpy.random.default_rng(1), *numpy.shape(out))
 
 
-def _linear_cases():
-    rng = numpy.random.default_rng(10)
+def _backward_cases(pair: str) -> list:
+    """A backward item: every registry case of the pair. The student's backward gets dout, a private copy of the
+    cache of minilora's forward and the case's flags (lora_backward's weight_grad, bias_grad); each output is
+    compared with minilora's backward, None where minilora's is None."""
+    labels = tuple(f"d{name}" for name in gradcheck.PAIRS[pair].grads)
     cases = []
-    for x_shape, n_out, bias in (((2, 3, 8), 11, True), ((5, 4), 3, True), ((1, 1, 6), 6, False)):
-        x, W = _randn(rng, *x_shape), _randn(rng, x_shape[-1], n_out)
-        b = _randn(rng, n_out) if bias else None
-        name = f"x {x_shape}, W {W.shape}, {'with' if bias else 'no'} bias"
-        cases.append(_backward_case(name, F.linear_forward, (x, W, b), F.linear_backward, ("dx", "dW", "db"), 11))
+    for case in gradcheck.cases_of(pair):
+        out, cache = case.forward(**case.draw())
+        dout = _upstream(out)
+        want = case.backward(dout.copy(), copy.deepcopy(cache))
+
+        def run(fn, case=case, cache=cache, dout=dout, want=want):
+            got = fn(dout.copy(), copy.deepcopy(cache), **case.flags)
+            return _compare_all(case.name, labels, got if len(labels) > 1 else (got,), want)
+
+        cases.append((case.name, run))
     return cases
 
 
-def _layernorm_cases():
-    rng = numpy.random.default_rng(20)
+def _cross_entropy_cases() -> list:
+    """softmax_cross_entropy returns the loss and its gradient: both compared, on every cross-entropy case."""
     cases = []
-    for shape in ((2, 3, 8), (1, 1, 6), (4, 10)):
-        x = _randn(rng, *shape, scale=2.0, shift=1.5)
-        w, b = _randn(rng, shape[-1]), _randn(rng, shape[-1])
-        cases.append(_backward_case(f"x {shape}", F.layernorm_forward, (x, w, b), F.layernorm_backward,
-                                    ("dx", "dw", "db"), 21))
-    return cases
-
-
-def _gelu_cases():
-    rng = numpy.random.default_rng(30)
-    return [_backward_case(f"x {shape}, scale {scale}", F.gelu_forward, (_randn(rng, *shape, scale=scale),),
-                           F.gelu_backward, ("dx",), 31)
-            for shape, scale in (((2, 3, 8), 2.0), ((7,), 4.0))]
-
-
-def _attention_cases():
-    rng = numpy.random.default_rng(40)
-    cases = []
-    for B, T, C, H, p in ((2, 4, 8, 2, 0.0), (1, 1, 6, 1, 0.0), (2, 5, 12, 3, 0.0), (2, 4, 8, 2, 0.3)):
-        q, k, v = (_randn(rng, B, T, C) for _ in range(3))
-        name = f"B={B} T={T} C={C} H={H}" + (f" dropout {p}" if p else "")
-
-        def forward(q, k, v, H=H, p=p):
-            return F.attention_forward(q, k, v, H, p, numpy.random.default_rng(41) if p else None)
-
-        cases.append(_backward_case(name, forward, (q, k, v), F.attention_backward, ("dq", "dk", "dv"), 42))
-    return cases
-
-
-def _cross_entropy_cases():
-    rng = numpy.random.default_rng(50)
-    cases = []
-    for shape, ignore in (((2, 3, 7), None), ((1, 1, 5), None), ((3, 4, 6), -100)):
-        logits = _randn(rng, *shape, scale=3.0)
-        targets = rng.integers(0, shape[-1], size=shape[:-1])
-        if ignore is not None:
-            targets[0, :2] = ignore
-            targets[2, 3] = ignore
-        name = f"logits {shape}" + (f", ignore_index={ignore}" if ignore is not None else "")
+    for case in gradcheck.cases_of("cross-entropy"):
+        inputs = case.draw()
+        logits, targets, ignore = inputs["logits"], inputs["targets"], case.options.get("ignore_index")
         want = F.softmax_cross_entropy(logits, targets, ignore)
 
-        def run(fn, name=name, logits=logits, targets=targets, ignore=ignore, want=want):
+        def run(fn, name=case.name, logits=logits, targets=targets, ignore=ignore, want=want):
             got = fn(logits.copy(), targets.copy(), ignore)
             return _compare_all(name, ("loss", "dlogits"), got, want)
 
-        cases.append((name, run))
+        cases.append((case.name, run))
     return cases
 
 
-# LoRA: sizes with in != out and r not 1, so that a transposed layout shows up as a wrong shape.
-_LORA_SHAPES = (((2, 3, 5), 4, 2, True, 0.0), ((6, 5), 3, 3, False, 0.0), ((2, 4, 6), 5, 2, True, 0.25))
-
-
-def _lora_inputs(rng, x_shape, n_out, r, bias):
-    n_in = x_shape[-1]
-    x, W = _randn(rng, *x_shape), _randn(rng, n_in, n_out)
-    b = _randn(rng, n_out) if bias else None
-    A, B = _randn(rng, r, n_in), _randn(rng, n_out, r)       # B != 0, so that the update is not trivially zero
-    return x, W, b, A, B
-
-
-def _lora_name(x_shape, n_out, r, bias, p):
-    return f"x {x_shape}, out {n_out}, r={r}, {'with' if bias else 'no'} bias" + (f", dropout {p}" if p else "")
-
-
-def _two_step_lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
-    """minilora's lora_forward as the assignment asks for it: the two-step form (never folded into one
-    product), whose cache holds h = x A^T as the students' backward expects."""
-    return lora.lora_forward(x, W, b, A, B, scale, dropout_p, rng)
-
-
-def _lora_forward_cases():
-    rng = numpy.random.default_rng(60)
+def _lora_forward_cases() -> list:
+    """lora_forward on every LoRA case: y against minilora's, and the student's cache through minilora's
+    lora_backward (with the case's flags), which must give minilora's gradients: the assignment fixes the cache."""
+    labels = tuple(f"d{name}" for name in gradcheck.PAIRS["lora"].grads)
     cases = []
-    for x_shape, n_out, r, bias, p in _LORA_SHAPES:
-        x, W, b, A, B = _lora_inputs(rng, x_shape, n_out, r, bias)
-        scale = 1.5
-        name = _lora_name(x_shape, n_out, r, bias, p)
-        y, cache = _two_step_lora_forward(x, W, b, A, B, scale, p, numpy.random.default_rng(61))
-        dy = _randn(rng, *y.shape)
-        labels = ("dx", "dA", "dB", "dW", "db")
-        want_grads = lora.lora_backward(dy, cache, weight_grad=True, bias_grad=True)
+    for case in gradcheck.cases_of("lora"):
+        inputs = case.draw()
+        y, cache = case.forward(**inputs)
+        dy = _upstream(y)
+        want_grads = case.backward(dy, cache)
+        args = tuple(inputs[name] for name in gradcheck.PAIRS["lora"].inputs)
 
-        def run(fn, name=name, args=(x, W, b, A, B, scale, p), y=y, dy=dy, want_grads=want_grads, labels=labels):
-            got = fn(*(a.copy() if isinstance(a, numpy.ndarray) else a for a in args), rng=numpy.random.default_rng(61))
+        def run(fn, case=case, args=args, y=y, dy=dy, want_grads=want_grads):
+            name = case.name
+            got = fn(*(None if a is None else a.copy() for a in args), **case.arguments())
             if not isinstance(got, (tuple, list)) or len(got) != 2:
                 return [_Outcome(name, "return value", problem=f"is a {_describe(got)}; expected (y, cache)")]
             outcomes = [_compare(name, "y", got[0], y)]
             try:   # the cache must be one that minilora's backward understands
-                grads = lora.lora_backward(dy, got[1], weight_grad=True, bias_grad=True)
+                grads = case.backward(dy, got[1])
             except Exception as exc:  # noqa: BLE001 (any failure on the student's cache is the student's)
                 return outcomes + [_Outcome(name, "cache", problem=f"minilora's lora_backward fails on it "
                                                                    f"({type(exc).__name__}: {exc})")]
@@ -296,23 +239,7 @@ def _lora_forward_cases():
                                                                        "minilora's lora_backward")]
             return outcomes + [_Outcome(name, "cache")]
 
-        cases.append((name, run))
-    return cases
-
-
-def _lora_backward_cases():
-    rng = numpy.random.default_rng(70)
-    cases = []
-    for (x_shape, n_out, r, bias, p), (weight_grad, bias_grad) in itertools.product(
-            _LORA_SHAPES, ((False, False), (True, True))):
-        x, W, b, A, B = _lora_inputs(rng, x_shape, n_out, r, bias)
-        name = _lora_name(x_shape, n_out, r, bias, p) + f", weight_grad={weight_grad}, bias_grad={bias_grad}"
-
-        def forward(x, W, b, A, B, p=p):
-            return _two_step_lora_forward(x, W, b, A, B, 0.75, p, numpy.random.default_rng(71))
-
-        cases.append(_backward_case(name, forward, (x, W, b, A, B), lora.lora_backward,
-                                    ("dx", "dA", "dB", "dW", "db"), 72, weight_grad=weight_grad, bias_grad=bias_grad))
+        cases.append((case.name, run))
     return cases
 
 
@@ -443,15 +370,15 @@ class Item:
 
 ITEMS = {
     "layers": [
-        Item("linear_backward", 2, _linear_cases),
-        Item("layernorm_backward", 3, _layernorm_cases),
-        Item("gelu_backward", 2, _gelu_cases),
-        Item("attention_backward", 5, _attention_cases),
+        Item("linear_backward", 2, lambda: _backward_cases("linear")),
+        Item("layernorm_backward", 3, lambda: _backward_cases("layernorm")),
+        Item("gelu_backward", 2, lambda: _backward_cases("gelu")),
+        Item("attention_backward", 5, lambda: _backward_cases("attention")),
         Item("softmax_cross_entropy", 3, _cross_entropy_cases),
     ],
     "lora_layer": [
         Item("lora_forward", 2, _lora_forward_cases),
-        Item("lora_backward", 4, _lora_backward_cases),
+        Item("lora_backward", 4, lambda: _backward_cases("lora")),
         Item("merge", 2, lambda: _merge_cases("merge")),
         Item("unmerge", 2, lambda: _merge_cases("unmerge")),
     ],
@@ -467,7 +394,7 @@ REFERENCES = {
     "layers": {"linear_backward": F.linear_backward, "layernorm_backward": F.layernorm_backward,
                "gelu_backward": F.gelu_backward, "attention_backward": F.attention_backward,
                "softmax_cross_entropy": F.softmax_cross_entropy},
-    "lora_layer": {"lora_forward": _two_step_lora_forward, "lora_backward": lora.lora_backward,
+    "lora_layer": {"lora_forward": lora.lora_forward, "lora_backward": lora.lora_backward,
                    "merge": reference_merge, "unmerge": reference_unmerge},
     "subspace": {"fwht": intrinsic.fwht,
                  "fastfood_project": lambda ff, theta_d: intrinsic.FastfoodProjection.project(ff, theta_d),
@@ -570,7 +497,7 @@ def grade(assignment: str, path) -> GradeReport:
         raise FileNotFoundError(f"no student file at {path}")
     path = path.resolve()
     report = GradeReport(assignment, str(path))
-    with backend.backend("numpy"):
+    with backend.backend("numpy"), backend.use_fast(False):
         try:
             with numpy.errstate(all="ignore"):
                 module = _load_student_module(path)
