@@ -139,20 +139,22 @@ def _eval(args) -> int:
 
 def _finetune(args) -> int:
     from . import data, train
-    from .finetune import finetune
     from .core.lora import LoRAConfig
+    from .core.methods import MethodSettings
+    from .finetune import finetune
 
+    settings = MethodSettings(lora=LoRAConfig(
+        r=args.r, alpha=args.alpha if args.alpha is not None else 2.0 * args.r, targets=tuple(args.targets.split(",")),
+        dropout=args.lora_dropout, use_rslora=args.rslora, init=args.init)) if args.method == "lora" else None
+    lr = args.lr if args.lr is not None else (1e-3 if args.method == "full" else 1e-2)
+    tc = train.TrainConfig.for_finetuning(args.steps, args.batch_size, lr,
+                                          weight_decay=0.1 if args.method == "full" else 0.0,
+                                          eval_every=args.eval_every, seed=args.seed, quiet=args.quiet)
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus)
-    lr = args.lr if args.lr is not None else (1e-2 if args.method == "lora" else 1e-3)
-    tc = train.TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=lr, min_lr=lr / 10,
-                           warmup_steps=min(20, args.steps), weight_decay=0.0 if args.method == "lora" else 0.1,
-                           eval_every=args.eval_every, checkpoint_every=0, seed=args.seed, quiet=args.quiet)
-    lora = LoRAConfig(r=args.r, alpha=args.alpha if args.alpha is not None else 2.0 * args.r,
-                      targets=tuple(args.targets.split(",")), dropout=args.lora_dropout, use_rslora=args.rslora,
-                      init=args.init) if args.method == "lora" else None
-    print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({lora})" if lora else ""))
-    run = finetune(model, args.method, corpus, tc, lora, out_dir=args.out, seed=args.seed)
+    print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({settings.lora})" if settings else ""))
+    run = finetune(model, args.method, corpus, tc, out_dir=args.out, seed=args.seed, settings=settings,
+                   latency_repeats=0)
     bits = 1 / math.log(2)
     print(f"trainable {run.trainable:,} of {run.total:,} ({run.percent:.3f}%); validation "
           f"{run.val_before * bits:.4f} -> {run.val_after * bits:.4f} bits/char; step {1e3 * run.step_seconds:.1f} ms; "
@@ -278,10 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
     e.set_defaults(func=_eval)
 
+    from .finetune import SAVABLE_METHODS
+
     f = sub.add_parser("finetune", help="fine-tune the pretrained GPT with full fine-tuning or LoRA",
                        description="Fine-tune a checkpoint (default: the shipped model) on a corpus; saves the "
                                    "adapter (LoRA) or the weights (full) to --out.")
-    f.add_argument("--method", choices=("full", "lora"), default="lora")
+    f.add_argument("--method", choices=SAVABLE_METHODS, default="lora",
+                   help="the methods whose result can be saved (minilora compare runs every method)")
     f.add_argument("--checkpoint", help="start from this checkpoint (default: the shipped model)")
     f.add_argument("--corpus", default="python-email")
     f.add_argument("--out", default="runs/finetune")

@@ -20,17 +20,14 @@ each step), the last 10% the validation snippets (a fixed, evenly spread set per
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 
 import numpy
 
 from .core import backend
 from .data import VAL_FRACTION, _pydoc_text, _stdlib_package_text
-from .core.optim import AdamW, clip_grad_norm, cosine_schedule
-from .fast.parallel import ParallelStep, default_threads
 from .tokenizer import encode
+from .train import TrainConfig, fit
 
 IGNORE = -1                       # target of the positions that are not asked anything
 TASKS = {
@@ -110,6 +107,22 @@ def accuracy(model, task: ClassificationTask, batch_size: int = 64, max_examples
     return correct / len(x)
 
 
+def task_batches(task: ClassificationTask, batch_size: int):
+    """The task as training batches for ``train.fit``: a function rng -> (idx, targets), each (B, L), drawn by
+    classification_batch; train with ignore_index=IGNORE."""
+    def draw(rng):
+        return classification_batch(task, batch_size, rng)
+    return draw
+
+
+def classifier_config(steps: int, batch_size: int, lr: float, seed: int = 0, warmup_steps: int = 10,
+                      grad_clip: float = 1.0, **fields) -> TrainConfig:
+    """How a classifier trains: AdamW with the usual betas (0.9, 0.999) and no weight decay, warmup + cosine
+    to lr / 10, global-norm clipping, no validation or checkpoints; ``fields`` set any other TrainConfig field."""
+    return TrainConfig.for_finetuning(steps, batch_size, lr, warmup_steps, **{
+        **dict(beta2=0.999, grad_clip=grad_clip, eval_every=0, seed=seed, quiet=True), **fields})
+
+
 @dataclass
 class ClassifierRun:
     losses: list            # training loss per step
@@ -118,30 +131,8 @@ class ClassifierRun:
 
 def train_classifier(model, task: ClassificationTask, steps: int, batch_size: int, lr: float, seed: int = 0,
                      warmup_steps: int = 10, grad_clip: float = 1.0) -> ClassifierRun:
-    """Train the trainable parameters of ``model`` on the task: AdamW (no weight decay), warmup + cosine to
-    lr / 10, global-norm clipping, data-parallel over the cores as ``train.fit``. Returns the losses and the
-    time per step."""
-    params = model.parameters(trainable_only=True)
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    optimizer = AdamW(params, lr=lr, weight_decay=0.0)
-    rng = numpy.random.default_rng(seed)
-    model.train()
-    parallel = ParallelStep(model, default_threads(batch_size))
-    losses = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        optimizer.lr = cosine_schedule(step, lr, min(warmup_steps, steps), steps, lr / 10)
-        idx, targets = classification_batch(task, batch_size, rng)
-        loss = parallel.forward_backward(idx, targets, ignore_index=IGNORE)
-        if not math.isfinite(loss):
-            parallel.close()
-            raise FloatingPointError(f"the loss became {loss} at step {step + 1}")
-        if grad_clip:
-            clip_grad_norm(params, grad_clip)
-        optimizer.step()
-        model.zero_grad()
-        losses.append(loss)
-    parallel.close()
-    backend.synchronize()
-    return ClassifierRun(losses, (time.perf_counter() - t0) / steps)
+    """Train the trainable parameters of ``model`` on the task with ``train.fit`` (see classifier_config for
+    the optimizer and schedule). Returns the losses and the time per step."""
+    config = classifier_config(steps, batch_size, lr, seed, warmup_steps, grad_clip)
+    result = fit(model, config=config, batches=task_batches(task, batch_size), ignore_index=IGNORE)
+    return ClassifierRun([loss for _, loss in result.train], result.seconds / result.steps)

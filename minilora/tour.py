@@ -55,11 +55,10 @@ def run_tour(config: TourConfig | None = None) -> list[FinetuneRun]:
         label = "full fine-tuning" if method == "full" else f"LoRA r={r}"
         if not config.quiet:
             print(f"[{len(runs) + 1}/{len(plans)}] {label}")
-        train_config = TrainConfig(
-            steps=config.steps, batch_size=config.batch_size, lr=config.full_lr if method == "full" else config.lora_lr,
-            min_lr=(config.full_lr if method == "full" else config.lora_lr) / 10, warmup_steps=min(20, config.steps),
-            weight_decay=0.0 if method == "lora" else 0.1, eval_every=config.eval_every,
-            eval_batches=config.eval_batches, checkpoint_every=0, seed=config.seed, quiet=config.quiet)
+        train_config = TrainConfig.for_finetuning(
+            config.steps, config.batch_size, config.full_lr if method == "full" else config.lora_lr,
+            weight_decay=0.1 if method == "full" else 0.0, eval_every=config.eval_every,
+            eval_batches=config.eval_batches, seed=config.seed, quiet=config.quiet)
         lora = LoRAConfig(r=r, alpha=2.0 * r, targets=config.targets) if method == "lora" else None
         runs.append(finetune(load_pretrained(dropout=0.0), method, corpus, train_config, lora,
                              out_dir=out / label.replace(" ", "_").replace("=", ""), label=label,
@@ -81,10 +80,14 @@ COLUMNS = ("method", "trainable", "trainable %", "val before (bits/char)", "val 
 
 def table_rows(runs):
     bits = 1.0 / math.log(2)
-    return [(r.label, r.trainable, round(r.percent, 3), round(r.val_before * bits, 4), round(r.val_after * bits, 4),
-             round(r.optimizer_bytes / 1024, 1), round(1e3 * r.step_seconds, 1), round(r.saved_bytes / 1024, 1),
-             round(r.latency_ms.get("base", 0.0), 2), round(r.latency_ms.get("unmerged", 0.0), 2),
-             round(r.latency_ms.get("merged", 0.0), 2)) for r in runs]
+    rows = []
+    for r in runs:
+        latency = r.latency_ms.get("1", {})          # batch 1
+        rows.append((r.label, r.trainable, round(r.percent, 3), round(r.val_before * bits, 4),
+                     round(r.val_after * bits, 4), round(r.optimizer_bytes / 1024, 1), round(1e3 * r.step_seconds, 1),
+                     round(r.saved_bytes / 1024, 1), *(round(latency.get(k, 0.0), 2)
+                                                       for k in ("base", "unmerged", "merged"))))
+    return rows
 
 
 def format_table(runs) -> str:

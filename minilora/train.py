@@ -2,6 +2,10 @@
 
     result = ml.train.fit(model, corpus.train, corpus.val, ml.train.TrainConfig(steps=2000, out_dir="runs/a"))
 
+Every training run in minilora goes through ``fit``: language modelling on a token array (random windows, the
+next token as target), and anything else that can say how to draw a batch (``batches``, e.g. a classification
+task's snippets with targets at some positions only, ``ignore_index`` elsewhere).
+
 A checkpoint is ONE safetensors file (model weights, AdamW moments) whose header carries the JSON metadata
 (model config, step, optimizer step count, random-generator states, loss history), written atomically, so a
 crash can never leave half a checkpoint; a JSON copy of the metadata sits beside it for people to read.
@@ -68,10 +72,18 @@ class TrainConfig:
                                          or self.threads < 1):
             raise ValueError(f"TrainConfig.threads must be None or an int >= 1; got {self.threads!r}")
 
+    @classmethod
+    def for_finetuning(cls, steps: int, batch_size: int, lr: float, warmup_steps: int = 20, **fields):
+        """A short fine-tuning run: peak lr with a cosine decay to a tenth of it, warmup_steps of warmup (at
+        most steps), no weight decay, no checkpoints before the end; ``fields`` set any other field."""
+        return cls(**{**dict(steps=steps, batch_size=batch_size, lr=lr, min_lr=lr / 10,
+                             warmup_steps=min(warmup_steps, steps), weight_decay=0.0, checkpoint_every=0), **fields})
+
 
 @dataclass
 class TrainResult:
-    """Loss history: train is [[step, loss], ...] per step; val is [[step, loss], ...] per validation."""
+    """Loss history: train is [[step, loss], ...] per step; val is [[step, score], ...] per validation (the
+    validation loss, or what fit's ``validate`` returned)."""
 
     train: list = field(default_factory=list)
     val: list = field(default_factory=list)
@@ -117,21 +129,41 @@ def forward_backward(model: GPT, idx, targets, ignore_index=None) -> float:
     return loss
 
 
-def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, resume_from=None,
-        meta: dict | None = None) -> TrainResult:
+def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = None, resume_from=None,
+        meta: dict | None = None, *, batches=None, ignore_index=None, validate=None) -> TrainResult:
     """Train ``model`` in place on the token array ``train_ids``; validate on ``val_ids`` (optional).
 
     resume_from: a checkpoint written by an earlier run with the same model and config; training continues
     from its step and reproduces that run's losses exactly. meta: extra metadata for checkpoints (e.g. the
     corpus name). Returns the loss history.
+
+    Other data than a token array:
+        batches       ``batches(rng) -> (idx, targets)``, both integer arrays (B, T) on the backend: how to draw
+                      one training batch from the NumPy generator ``rng`` (the run's own, so that a checkpoint
+                      holds its state and a resumed run draws the same batches); instead of train_ids
+        ignore_index  the target value of positions that count for nothing (the loss is the mean over the rest)
+        validate      ``validate(model) -> float``, a validation score computed every config.eval_every steps
+                      (and at the end) with the model in evaluation mode, instead of the loss on val_ids
     """
     config = config or TrainConfig()
+    if (train_ids is None) == (batches is None):
+        raise ValueError("fit needs exactly one source of training batches: a token array train_ids or a "
+                         f"function batches(rng); got train_ids={'None' if train_ids is None else 'an array'}, "
+                         f"batches={batches!r}")
+    if val_ids is not None and validate is not None:
+        raise ValueError("give fit val_ids (validation loss on a token array) or validate (a function), not both")
     block_size = config.block_size or model.config.block_size
     if block_size > model.config.block_size:
         raise ValueError(f"TrainConfig.block_size {block_size} exceeds the model's block_size {model.config.block_size}")
     params = model.parameters(trainable_only=True)
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if batches is None:
+        def batches(rng):              # random windows of the text, the next token as target
+            return get_batch(train_ids, config.batch_size, block_size, rng)
+    if validate is None and val_ids is not None:
+        def validate(m):               # the validation loss on the first eval_batches windows of val_ids
+            return evaluate(m, val_ids, config.batch_size, block_size, config.eval_batches)
     optimizer = AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
     batch_rng = numpy.random.default_rng(config.seed)
     result = TrainResult()
@@ -153,16 +185,16 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
     model.train()
     threads = config.threads or (default_threads(config.batch_size) if backend.fast_enabled() else 1)
     parallel = ParallelStep(model, threads) if threads > 1 else None
-    tokens = config.batch_size * block_size
+    tokens = 0                                                    # training tokens this call, for tokens/s
     t0 = time.perf_counter()
     try:
         for step in range(start, config.steps):
             optimizer.lr = cosine_schedule(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
-            idx, targets = get_batch(train_ids, config.batch_size, block_size, batch_rng)
+            idx, targets = batches(batch_rng)
             if parallel is None:                                  # fills every trainable p.grad
-                loss = forward_backward(model, idx, targets)
+                loss = forward_backward(model, idx, targets, ignore_index)
             else:
-                loss = parallel.forward_backward(idx, targets)
+                loss = parallel.forward_backward(idx, targets, ignore_index)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} at step {step + 1}: training stopped; "
                                          f"the last checkpoint ({result.checkpoint or 'none written'}) is untouched")
@@ -176,11 +208,16 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
             optimizer.step()
             model.zero_grad()
             done = step + 1
+            tokens += idx.size
             result.train.append([done, loss])
             postfix = {"loss": f"{loss:.3f}"}
-            if val_ids is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
+            if validate is not None and config.eval_every and (done % config.eval_every == 0 or done == config.steps):
                 t_eval = time.perf_counter()
-                val = evaluate(model, val_ids, config.batch_size, block_size, config.eval_batches)
+                model.eval()
+                try:
+                    val = validate(model)
+                finally:
+                    model.train()
                 result.eval_seconds += time.perf_counter() - t_eval
                 result.val.append([done, val])
                 postfix["val"] = f"{val:.3f}"
@@ -188,9 +225,10 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
                                         or done == config.steps):
                 checkpoint(done)
             elapsed = time.perf_counter() - t0
-            postfix["tok/s"] = f"{tokens * (done - start) / max(elapsed - result.eval_seconds, 1e-9):.0f}"
+            postfix["tok/s"] = f"{tokens / max(elapsed - result.eval_seconds, 1e-9):.0f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+        backend.synchronize()          # the GPU's queued work belongs to the time of the last step
     finally:
         bar.close()
         if parallel is not None:
@@ -198,7 +236,7 @@ def fit(model: GPT, train_ids, val_ids=None, config: TrainConfig | None = None, 
         model.zero_grad()
     result.steps = config.steps
     result.seconds = time.perf_counter() - t0
-    result.tokens_per_second = tokens * (config.steps - start) / max(result.seconds - result.eval_seconds, 1e-9)
+    result.tokens_per_second = tokens / max(result.seconds - result.eval_seconds, 1e-9)
     return result
 
 

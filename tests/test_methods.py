@@ -291,8 +291,81 @@ def test_a_classifier_trains_and_is_scored():
     assert 0.0 <= accuracy(model, task) <= 1.0
 
 
+@needs_tkinter
+def test_classifier_training_is_the_training_loop_with_the_tasks_batches(monkeypatch):
+    from minilora import tasks, train
+
+    task = load_task(length=15, val_per_class=3)
+
+    def fresh():
+        return apply_method(ml.GPT(ml.GPTConfig(block_size=32, n_layer=1, n_embd=16, n_head=2), seed=0), "lora",
+                            MethodSettings(lora=LoRAConfig(r=2)))
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fit(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "fit", spy)
+    run = train_classifier(fresh(), task, steps=4, batch_size=4, lr=1e-2, seed=2)
+    assert len(calls) == 1 and calls[0]["ignore_index"] == IGNORE
+    direct = fit(fresh(), config=tasks.classifier_config(4, 4, 1e-2, seed=2), batches=tasks.task_batches(task, 4),
+                 ignore_index=IGNORE)
+    assert run.losses == [loss for _, loss in direct.train]      # the same loop, the same numbers
+
+    # a non-finite loss stops it as it stops any run, and the loop cleans up after itself
+    model = fresh()
+    monkeypatch.setattr(train, "forward_backward", lambda *args, **kwargs: float("nan"))
+    monkeypatch.setattr(ml.parallel.ParallelStep, "forward_backward", lambda *args, **kwargs: float("nan"))
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train_classifier(model, task, steps=4, batch_size=4, lr=1e-2)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@needs_tkinter
+def test_the_fine_tune_recipe_on_a_classification_task():
+    from minilora import finetune, tasks
+
+    task = load_task(length=15, val_per_class=3)
+    model = ml.GPT(ml.GPTConfig(block_size=32, n_layer=1, n_embd=16, n_head=2), seed=0)
+    run = finetune.finetune(model, "prompt", task, tasks.classifier_config(4, 4, 1e-2, eval_every=2),
+                            settings=MethodSettings(prompt=PromptConfig(length=3)), latency_repeats=1)
+    assert run.metric == "accuracy" and [s for s, _ in run.val_curve] == [0, 2, 4]
+    assert all(0.0 <= acc <= 1.0 for _, acc in run.val_curve) and run.val_curve[-1][1] == run.val_after
+    assert run.val_before == accuracy(ml.GPT(ml.GPTConfig(block_size=32, n_layer=1, n_embd=16, n_head=2), seed=0),
+                                      task)
+    assert run.trainable == 3 * 16 and len(run.train_curve) == 4
+    assert set(run.latency_ms["1"]) == {"base", "unmerged", "merged", "ratio", "iqr_ms"}
+    assert set(run.latency_ms["1"]["ratio"]) == {"unmerged", "merged"}
+
+
 # ----------------------------------------------------------------------------------------------------
 # the comparison
+
+
+def test_the_comparison_has_learning_rates_for_exactly_the_registered_methods():
+    from minilora.experiments import compare
+
+    assert tuple(compare.LEARNING_RATES) == METHODS and compare.CompareSettings().methods == METHODS
+
+
+@needs_tkinter
+def test_compare_fine_tunes_through_the_one_recipe(monkeypatch):
+    from minilora import finetune
+    from minilora.experiments import compare, compare_methods
+
+    calls = []
+
+    def spy(model, method, data, *args, **kwargs):
+        calls.append((method, type(data).__name__))
+        return finetune.finetune(model, method, data, *args, **kwargs)
+
+    monkeypatch.setattr(compare, "finetune", spy)
+    result = compare_methods(methods=("bitfit",), fast=True)
+    assert calls == [("bitfit", "Corpus"), ("bitfit", "ClassificationTask")]
+    row = result.rows[0]
+    assert row.latency_ratio["1"] > 0 and not row.latency_unmerged_ms
 
 
 @needs_tkinter

@@ -128,6 +128,93 @@ def test_non_finite_gradient_stops_training_before_the_update(toy_ids, tmp_path,
     assert meta["step"] == 4
 
 
+def _last_token_batches(ids, batch_size, block_size):
+    """A batch function as a classification task has: targets at the last position only, IGNORE elsewhere."""
+    def draw(rng):
+        idx, targets = data.get_batch(ids, batch_size, block_size, rng)
+        targets = targets.copy()           # a view of the same windows as idx
+        targets[:, :-1] = -1
+        return idx, targets
+    return draw
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fit_draws_batches_from_a_function_and_ignores_what_it_is_told(toy_ids, tmp_path, threads):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    scores = []
+
+    def validate(m):
+        scores.append(m.training)
+        return float(len(scores))
+
+    config = _config(tmp_path, threads=threads, out_dir=None)
+    result = train.fit(model, config=config, batches=_last_token_batches(toy_ids, 4, 16), ignore_index=-1,
+                       validate=validate)
+    assert result.val == [[4, 1.0], [8, 2.0], [12, 3.0]] and scores == [False] * 3    # scored in evaluation mode
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert result.tokens_per_second > 0
+
+    # the same steps by hand: each loss is the mean over the last positions only
+    by_hand = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    optimizer = ml.AdamW(by_hand.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+                         weight_decay=config.weight_decay)
+    draw, rng = _last_token_batches(toy_ids, 4, 16), np.random.default_rng(config.seed)
+    for step, (_, loss) in enumerate(result.train):
+        optimizer.lr = ml.cosine_schedule(step, config.lr, config.warmup_steps, config.steps, config.min_lr)
+        idx, targets = draw(rng)
+        expected = train.forward_backward(by_hand, idx, targets, ignore_index=-1)
+        assert loss == pytest.approx(expected, rel=1e-5), step
+        ml.clip_grad_norm(by_hand.parameters(), config.grad_clip)
+        optimizer.step()
+        by_hand.zero_grad()
+
+
+def test_a_run_on_a_batch_function_resumes_exactly(toy_ids, tmp_path):
+    batches = _last_token_batches(toy_ids, 4, 16)
+    full = train.fit(ml.GPT(ml.GPTConfig(**TINY), seed=0), config=_config(tmp_path / "full"), batches=batches,
+                     ignore_index=-1)
+    part_cfg = _config(tmp_path / "part", steps=12)
+    stopped = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    real_save = train.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    train.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.fit(stopped, config=part_cfg, batches=batches, ignore_index=-1)
+    finally:
+        train.save_checkpoint = real_save
+    resumed = train.fit(ml.GPT(ml.GPTConfig(**TINY), seed=9), config=part_cfg, batches=batches, ignore_index=-1,
+                        resume_from=tmp_path / "part" / train.CHECKPOINT_NAME)
+    assert resumed.train == full.train
+
+
+def test_fit_needs_one_source_of_batches_and_of_validation(toy_ids, tmp_path):
+    model = ml.GPT(ml.GPTConfig(**TINY), seed=0)
+    config = _config(tmp_path)
+    with pytest.raises(ValueError, match="exactly one source of training batches"):
+        train.fit(model, config=config)
+    with pytest.raises(ValueError, match="exactly one source of training batches"):
+        train.fit(model, toy_ids, config=config, batches=_last_token_batches(toy_ids, 4, 16))
+    with pytest.raises(ValueError, match="not both"):
+        train.fit(model, toy_ids, toy_ids, config, validate=lambda m: 0.0)
+
+
+def test_the_fine_tuning_config():
+    config = train.TrainConfig.for_finetuning(5, 8, 1e-2, block_size=64, seed=3)
+    assert (config.steps, config.batch_size, config.lr, config.min_lr) == (5, 8, 1e-2, 1e-3)
+    assert (config.warmup_steps, config.weight_decay, config.checkpoint_every) == (5, 0.0, 0)
+    assert (config.block_size, config.seed) == (64, 3)
+    assert train.TrainConfig.for_finetuning(300, 8, 1e-3, weight_decay=0.1).warmup_steps == 20
+
+
 def test_checkpoint_round_trip_and_damage(tmp_path):
     model = ml.GPT(ml.GPTConfig(**TINY), seed=5)
     opt = ml.AdamW(model.parameters())

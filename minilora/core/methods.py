@@ -23,7 +23,38 @@ from .lora import LoRAConfig, apply_lora, merge_lora
 from .nn import Module, freeze_pretrained
 from .prefix import PrefixConfig, PromptConfig, apply_prefix, apply_prompt, bake_prefix, prefix_modules
 
-METHODS = ("full", "bitfit", "adapters", "prefix", "prefix-mlp", "prompt", "lora", "lora+adapters", "lora+prefix")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One fine-tuning method: its name and the parts apply_method puts on the model, in order (each part is
+    a key of PARTS); merges: LoRA folds into the weights for inference; bakes: a prefix MLP is computed away."""
+
+    name: str
+    parts: tuple
+
+    @property
+    def merges(self) -> bool:
+        return "lora" in self.parts
+
+    @property
+    def bakes(self) -> bool:
+        return "prefix_mlp" in self.parts
+
+
+# the one list of methods: every table, command and study takes its names from here
+REGISTRY = {m.name: m for m in (
+    Method("full", ("full",)),
+    Method("bitfit", ("bitfit",)),
+    Method("adapters", ("adapters",)),
+    Method("prefix", ("prefix",)),
+    Method("prefix-mlp", ("prefix_mlp",)),
+    Method("prompt", ("prompt",)),
+    Method("lora", ("lora",)),
+    Method("lora+adapters", ("lora", "adapters")),
+    Method("lora+prefix", ("lora", "prefix")),
+)}
+METHODS = tuple(REGISTRY)
 
 
 @dataclass
@@ -40,9 +71,14 @@ class MethodSettings:
 
 
 def check_method(name: str) -> str:
-    if name not in METHODS:
+    if name not in REGISTRY:
         raise ValueError(f"unknown fine-tuning method {name!r}; expected one of {METHODS}")
     return name
+
+
+def method(name: str) -> Method:
+    """The registry entry of a method name (a clear error for an unknown one)."""
+    return REGISTRY[check_method(name)]
 
 
 def apply_bitfit(model: Module) -> Module:
@@ -54,35 +90,40 @@ def apply_bitfit(model: Module) -> Module:
     return model
 
 
+def _train_everything(model: Module) -> Module:
+    for p in model.parameters():
+        p.trainable = True
+    return model
+
+
+# what each part of a method does to a model: (model, settings, seed) -> model
+PARTS = {
+    "full": lambda model, settings, seed: _train_everything(model),
+    "bitfit": lambda model, settings, seed: apply_bitfit(model),
+    "lora": lambda model, settings, seed: apply_lora(model, settings.lora, seed=seed),
+    "adapters": lambda model, settings, seed: apply_adapters(model, settings.adapters, seed=seed),
+    "prefix": lambda model, settings, seed: apply_prefix(model, settings.prefix, seed=seed),
+    "prefix_mlp": lambda model, settings, seed: apply_prefix(model, settings.prefix_mlp, seed=seed),
+    "prompt": lambda model, settings, seed: apply_prompt(model, settings.prompt, seed=seed),
+}
+
+
 def apply_method(model: Module, name: str, settings: MethodSettings | None = None, seed: int = 0) -> Module:
     """Prepare ``model`` (in place) for fine-tuning with method ``name`` (see METHODS); returns the model."""
-    check_method(name)
+    entry = method(name)
     settings = settings or MethodSettings()
-    if name == "full":
-        for p in model.parameters():
-            p.trainable = True
-    elif name == "bitfit":
-        apply_bitfit(model)
-    if "lora" in name:
-        apply_lora(model, settings.lora, seed=seed)
-    if "adapters" in name:
-        apply_adapters(model, settings.adapters, seed=seed)
-    if name in ("prefix", "lora+prefix"):
-        apply_prefix(model, settings.prefix, seed=seed)
-    elif name == "prefix-mlp":
-        apply_prefix(model, settings.prefix_mlp, seed=seed)
-    elif name == "prompt":
-        apply_prompt(model, settings.prompt, seed=seed)
+    for part in entry.parts:
+        PARTS[part](model, settings, seed)
     return model
 
 
 def for_inference(model: Module, name: str) -> Module:
     """Make the trained model as cheap to run as the method allows: merge LoRA into the weights and bake a
     prefix MLP into plain prefixes. Adapters, prefixes and prompts cannot be merged away."""
-    check_method(name)
-    if "lora" in name:
+    entry = method(name)
+    if entry.merges:
         merge_lora(model)
-    if name == "prefix-mlp":
+    if entry.bakes:
         bake_prefix(model)
     return model
 

@@ -83,9 +83,9 @@ def run_full(seed: int, settings: RunSettings):
 
 def train_config(settings: RunSettings, lr: float, seed: int) -> TrainConfig:
     """The TrainConfig of a study run: the settings, a peak lr with a tenfold cosine decay, no weight decay."""
-    return TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=lr, min_lr=lr / 10,
-                       warmup_steps=min(10, settings.steps), weight_decay=0.0, eval_every=settings.eval_every,
-                       eval_batches=settings.eval_batches, checkpoint_every=0, seed=seed, quiet=True)
+    return TrainConfig.for_finetuning(settings.steps, settings.batch_size, lr, warmup_steps=10,
+                                      eval_every=settings.eval_every, eval_batches=settings.eval_batches, seed=seed,
+                                      quiet=True)
 
 
 def adapter_matrices(model, name: str):

@@ -28,12 +28,13 @@ import numpy
 
 from ..data import get_batch
 from ..io.files import save_safetensors, write_bytes_atomic, write_json
-from ..finetune import paired_forward_latency
-from ..core.methods import METHODS, MethodSettings, apply_method, check_method, for_inference, method_state, training_memory
+from ..finetune import FinetuneRun, finetune, forward_latency
+from ..core.methods import method as methods_registry
+from ..core.methods import METHODS, MethodSettings, check_method, method_state, training_memory
 from ..plots import new_figure, save_figure
 from ..io.pretrained import load_pretrained
-from ..tasks import accuracy, load_task, train_classifier
-from ..train import TrainConfig, evaluate, fit
+from ..tasks import accuracy, classifier_config, load_task
+from ..train import TrainConfig, evaluate
 from .common import bits_per_char, downstream, mean_and_spread, progress_counter
 
 # (language modelling, classification) peak learning rates, picked on seed 0 (see the module docstring)
@@ -105,15 +106,9 @@ class CompareResult:
 LATENCY_BATCHES = (1, 32)
 
 
-def _latencies(base, model, s: CompareSettings) -> tuple:
-    """({batch: ms}, {batch: ms / base's ms}) of one inference forward pass at batch 1 and 32, the model
-    and the base model taking turns (see paired_forward_latency). Batch 1 gets 5x the repeats (it is short)."""
-    ms, ratio = {}, {}
-    for b in LATENCY_BATCHES:
-        repeats = s.latency_repeats * (5 if b == 1 else 1)
-        base_s, model_s = paired_forward_latency([base, model], b, repeats, s.seq_len)
-        ms[str(b)], ratio[str(b)] = 1e3 * model_s, model_s / base_s
-    return ms, ratio
+def _latency_plan(s: CompareSettings) -> dict:
+    """{batch size: repeats} of the inference timings; batch 1 gets 5x the repeats (it is short)."""
+    return {b: s.latency_repeats * (5 if b == 1 else 1) for b in LATENCY_BATCHES}
 
 
 def _checkpoint_bytes(model, method) -> int:
@@ -123,23 +118,24 @@ def _checkpoint_bytes(model, method) -> int:
         return path.stat().st_size
 
 
-def _lm_run(method, seed, s: CompareSettings, lr=None):
-    """Fine-tune on the code domain; returns (model, validation bits/char, ms per step)."""
-    model = apply_method(load_pretrained(dropout=0.0), method, s.method_settings, seed=seed)
+def _lm_run(method, seed, s: CompareSettings, lr=None, latency: bool = False) -> tuple:
+    """Fine-tune a fresh copy of the shipped model on the code domain; returns (model, FinetuneRun), the run's
+    scores in nats per token and, with latency, its inference timings at LATENCY_BATCHES."""
+    model = load_pretrained(dropout=0.0)
     lr = lr or LEARNING_RATES[method][0]
-    config = TrainConfig(steps=s.lm_steps, batch_size=s.lm_batch, block_size=s.seq_len, lr=lr, min_lr=lr / 10,
-                         warmup_steps=min(10, s.lm_steps), weight_decay=0.0, eval_every=0, checkpoint_every=0,
-                         seed=seed, quiet=True)
-    result = fit(model, downstream().train, None, config)
-    val = evaluate(model, downstream().val, batch_size=s.lm_batch, block_size=s.seq_len, max_batches=s.lm_eval_batches)
-    return model, bits_per_char(val), 1e3 * result.seconds / s.lm_steps
+    config = TrainConfig.for_finetuning(s.lm_steps, s.lm_batch, lr, warmup_steps=10, block_size=s.seq_len,
+                                        eval_every=0, seed=seed, quiet=True)
+    run = finetune(model, method, downstream(), config, settings=s.method_settings, seed=seed,
+                   eval_batches=s.lm_eval_batches, latency_repeats=_latency_plan(s) if latency else 0,
+                   evaluate_before=False)
+    return model, run
 
 
-def _cls_run(method, seed, task, s: CompareSettings, lr=None):
-    """Train on the classification task; returns (accuracy, ms per step)."""
-    model = apply_method(load_pretrained(dropout=0.0), method, s.method_settings, seed=seed)
-    run = train_classifier(model, task, s.cls_steps, s.cls_batch, lr or LEARNING_RATES[method][1], seed=seed)
-    return accuracy(model, task), 1e3 * run.step_seconds
+def _cls_run(method, seed, task, s: CompareSettings, lr=None) -> FinetuneRun:
+    """Train a fresh copy of the shipped model on the classification task; the run's scores are accuracies."""
+    config = classifier_config(s.cls_steps, s.cls_batch, lr or LEARNING_RATES[method][1], seed=seed)
+    return finetune(load_pretrained(dropout=0.0), method, task, config, settings=s.method_settings, seed=seed,
+                    latency_repeats=0, evaluate_before=False)
 
 
 def compare_methods(methods=None, seeds=None, fast: bool = False, settings: CompareSettings | None = None,
@@ -161,29 +157,35 @@ def compare_methods(methods=None, seeds=None, fast: bool = False, settings: Comp
         "lm_bpc": bits_per_char(evaluate(base_model, downstream().val, batch_size=s.lm_batch, block_size=s.seq_len,
                                          max_batches=s.lm_eval_batches)),
         "accuracy": accuracy(base_model, task),
-        "latency_ms": _latencies(base_model, base_model, s)[0],
+        "latency_ms": {str(b): 1e3 * forward_latency(base_model, b, repeats, s.seq_len)
+                       for b, repeats in _latency_plan(s).items()},
     }
     report(f"base model: {base['lm_bpc']:.4f} bits/char, accuracy {base['accuracy']:.3f}")
     rows = []
     for method in s.methods:
         bpcs, accs, lm_ms, cls_ms = [], [], [], []
         for seed in s.seeds:
-            model, bpc, ms = _lm_run(method, seed, s)
-            acc, c_ms = _cls_run(method, seed, task, s)
-            bpcs.append(bpc)
-            accs.append(acc)
-            lm_ms.append(ms)
-            cls_ms.append(c_ms)
-            report(f"{method} seed {seed}: {bpc:.4f} bits/char, accuracy {acc:.3f}")
-            if seed == s.seeds[0]:
-                measured = model           # memory, checkpoint and latency from the first seed's LM model
+            first = seed == s.seeds[0]    # memory, checkpoint and latency from the first seed's LM model
+            model, lm = _lm_run(method, seed, s, latency=first)
+            cls = _cls_run(method, seed, task, s)
+            bpcs.append(bits_per_char(lm.val_after))
+            accs.append(cls.val_after)
+            lm_ms.append(1e3 * lm.step_seconds)
+            cls_ms.append(1e3 * cls.step_seconds)
+            report(f"{method} seed {seed}: {bpcs[-1]:.4f} bits/char, accuracy {accs[-1]:.3f}")
+            if first:
+                measured, timings = model, lm.latency_ms
         idx, targets = get_batch(downstream().train, s.lm_batch, s.seq_len, numpy.random.default_rng(0))
         memory = training_memory(measured, idx, targets)
         trainable = measured.num_parameters(trainable_only=True)
         percent = 100.0 * trainable / base_model.num_parameters()
         checkpoint = _checkpoint_bytes(measured, method)
-        unmerged, unmerged_ratio = _latencies(base_model, measured, s) if "lora" in method else ({}, {})
-        latency, latency_ratio = _latencies(base_model, for_inference(measured, method), s)
+        # each ratio from the same rounds as the times: the base model took turns with the adapted one
+        merges = methods_registry(method).merges
+        latency = {b: t["merged"] for b, t in timings.items()}
+        latency_ratio = {b: t["ratio"]["merged"][0] for b, t in timings.items()}
+        unmerged = {b: t["unmerged"] for b, t in timings.items()} if merges else {}
+        unmerged_ratio = {b: t["ratio"]["unmerged"][0] for b, t in timings.items()} if merges else {}
         lm_mean, lm_spread = mean_and_spread(bpcs)
         acc_mean, acc_spread = mean_and_spread(accs)
         rows.append(MethodResult(method, trainable, percent, bpcs, lm_mean, lm_spread, accs, acc_mean, acc_spread,
@@ -213,13 +215,13 @@ def sweep_learning_rates(methods=None, fast: bool = False, settings: CompareSett
         lm, cls = {}, {}
         for lr in LM_GRID:
             try:
-                lm[lr] = _lm_run(method, seed, s, lr=lr)[1]
+                lm[lr] = bits_per_char(_lm_run(method, seed, s, lr=lr)[1].val_after)
             except FloatingPointError:
                 lm[lr] = float("inf")
             report(f"{method} LM lr {lr:g}: {lm[lr]:.4f} bits/char")
         for lr in CLS_GRID:
             try:
-                cls[lr] = _cls_run(method, seed, task, s, lr=lr)[0]
+                cls[lr] = _cls_run(method, seed, task, s, lr=lr).val_after
             except FloatingPointError:
                 cls[lr] = 0.0
             report(f"{method} classification lr {lr:g}: accuracy {cls[lr]:.3f}")
