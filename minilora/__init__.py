@@ -41,9 +41,9 @@ from .io.pretrained import load_pretrained, pretrained_info
 
 __version__ = "0.1.0"
 
-# Import paths from before the code was split into core/, fast/, io/ and course/: each old name is the same
-# module object as its new home (not a copy), so ``import minilora.functional`` and
-# ``from minilora.assignments import grade`` keep working, and patching either name patches both.
+# Flat import paths beside the subpackages: each short name is the same module object as its home in core/,
+# fast/, io/ or course/ (not a copy), so ``import minilora.functional`` and
+# ``from minilora.assignments import grade`` work, and patching either name patches both.
 MOVED_MODULES = {
     "adapters": "core.adapters", "backend": "core.backend", "functional": "core.functional",
     "gradcheck": "core.gradcheck", "intrinsic": "core.intrinsic", "lora": "core.lora", "methods": "core.methods",

@@ -1,8 +1,9 @@
 """Corpora from what Python itself installs (nothing is downloaded), batching, and toy tasks.
 
-    "pydoc"         pretraining: the English prose of Python's own help topics (pydoc_data.topics, ~465k chars)
-    "python-email"  downstream domain: the Python source of the standard library's email package (~378k chars),
-                    code that pretraining never saw
+    "pydoc"         pretraining: the English prose of Python's own help topics (pydoc_data.topics, some hundreds
+                    of thousands of characters)
+    "python-email"  downstream domain: the Python source of the standard library's email package (of a similar
+                    size), code that pretraining never saw
 
 Each corpus is split deterministically: the first 90% of the text trains, the last 10% validates. The texts
 come from the running Python, so they can differ a little between Python versions.

@@ -5,8 +5,8 @@
     "stdlib-package"   which standard-library package does a snippet of Python source come from? (asyncio,
                        email, tkinter, xml: harder, no prose to spot)
 
-Snippets are 63 characters from anywhere in the text. A word-count naive Bayes classifier reaches 84% on
-stdlib-package; the tiny pretrained GPT needs many more steps than the comparison gives it to get there.
+Snippets are 63 characters from anywhere in the text. A word-count naive Bayes classifier already does well on
+stdlib-package; the tiny pretrained GPT needs many more steps than the comparison gives it to match that.
 
 Classification with a causal language model needs no new head: the model reads the snippet and is asked, at
 every position, for one of K label tokens ("0", "1", ...). Training minimises the cross-entropy of the right

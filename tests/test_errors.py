@@ -1,5 +1,5 @@
 """Bad input is refused at the public boundary with a ValueError/TypeError that names the problem,
-before any state changes (DESIGN.md, Conventions: Errors)."""
+before any state changes."""
 import re
 import sys
 

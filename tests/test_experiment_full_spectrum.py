@@ -62,7 +62,7 @@ def test_fast_run_finds_the_update_concentrated_in_few_directions(result):
     assert result.steps == 6 and len(result.names) == 24
     assert result.val_after < result.val_before
     c = fs.counts(result)
-    assert c["top1_above_random"] >= 20                  # 24 of 24 at seed 0
+    assert c["top1_above_random"] >= 20                  # nearly all 24; room for another BLAS's rounding
     assert c["stable_rank_below_random"] >= 22
     for name in result.names:
         w = result.weights[name]

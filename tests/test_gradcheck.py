@@ -18,7 +18,7 @@ from minilora import gradcheck as gc
 from minilora.nn import Linear
 from helpers import dev, host, numpy_only
 
-THRESHOLD = 1e-7      # DESIGN.md: CS231n's threshold for a correct backward in float64
+THRESHOLD = 1e-7      # CS231n's threshold for a correct backward in float64
 CAUGHT = 1e-3         # a wrong backward must be at least this far off
 
 

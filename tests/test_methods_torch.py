@@ -253,9 +253,9 @@ def compare_method(method, T=7, B=2, seed=0):
         assert backend.to_numpy(p.grad).shape == tuple(g.shape), f"{method}: {n}.grad shape {p.grad.shape} != {tuple(g.shape)}"
         errors[f"grad {n}"] = rel_error(p.grad, g.numpy())
     # Without prefix keys the key bias adds q.b_k to every score of a query's row, which softmax ignores: its
-    # gradient is exactly zero, and both sides hold float64 rounding noise (~1e-17) that rel_error's 1e-8 floor
-    # turns into ~1e-9. Measure it as GPT-2 stores it (and test_reference_gpt2 compares it): within the joint
-    # q, k, v bias (c_attn.bias), against the scale of that whole gradient.
+    # gradient is exactly zero, and both sides hold float64 rounding noise that rel_error's 1e-8 floor can turn
+    # into an error near the 1e-9 tolerance. Measure it as GPT-2 stores it (and test_reference_gpt2 compares it):
+    # within the joint q, k, v bias (c_attn.bias), against the scale of that whole gradient.
     for l in range(cfg.n_layer):
         key = f"grad h.{l}.attn.k_proj.bias"
         if key in errors and not prefix_keys(method):

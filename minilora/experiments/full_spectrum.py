@@ -24,13 +24,10 @@ above the random matrix's, stable rank far below).
 A third column gives the same numbers for the pretrained W itself, so that one can tell whether Delta W is
 low-rank in its own right or merely shares the shape of W's spectrum.
 
-What the tiny model shows (default run: 100 steps, seed 0). Delta W is far from random: in all 24 weights its
-top direction holds 2-5 times the Gaussian's energy (about 0.11 against 0.03 for attention) and its stable
-rank is 3-6 times lower (about 10 against 33 for attention, 15 against 58 for the MLP). But it is not *very*
-low-rank: 90% of its energy needs about 28 of 128 directions in attention and about 50 in the MLP, and it is
-about as concentrated as the pretrained W itself (stable rank 13 for attention, 14 for the MLP). The
-concentration also fades with training: after the 6 steps of the fast mode the attention updates have stable
-rank about 5, after 100 steps about 10.
+What the tiny model shows (default run; ``summary`` prints the counts and means it rests on). Delta W is far
+from random: in all or nearly all weights its top direction holds several times the Gaussian's energy and its
+stable rank is several times lower. But it is not *very* low-rank: 90% of its energy needs a sizeable share of
+the directions, more in the MLP than in attention, and it is about as concentrated as the pretrained W itself.
 """
 from __future__ import annotations
 

@@ -21,17 +21,17 @@ Beside it, "LoRA's intrinsic dimension": LoRA on (q_proj, v_proj) at r = 1, 2, 4
 smallest r whose performance reaches the same 90% of (pretrained) full fine-tuning's, and its trainable count
 (no interpolation: r is an integer).
 
-Settings (default): d = 10, 100, 1000, 10000 (at d = 100000 lr 1e-1 made pretrained DID diverge: 2.27 -> 4.04);
-60 steps of 8 windows of 128 characters for every run (the
-subspace runs cost one full backward plus two Fastfood transforms per step, 1-3x a full fine-tuning step, so
-the common 100 steps would not fit in ~5 minutes with 12 subspace runs); subspace lr 1e-1 (AdamW, weight decay
-0, warmup 10 steps, cosine to lr / 10, clipping 1.0: the common schedule). 1e-1 was chosen by a quick check at
-d = 1000, 40 steps: 1e-1 lowered the validation loss by 0.107 nats, 1 by 0.044 and 1e-2 by 0.048. LoRA and full
-fine-tuning use the common lrs (1e-2, 1e-3). Validation: the first 128 windows of python-email's validation
-text. One seed. ``fast=True``: d = 10, 100, r = 1, 2, 4 steps of 2 windows, 2 validation windows: seconds.
+Settings (default): d = 10, 100, 1000, 10000 (not 100000: at lr 1e-1 pretrained DID diverges there);
+60 steps of 8 windows of 128 characters for every run (the subspace runs cost one full backward plus two
+Fastfood transforms per step, more than a full fine-tuning step, so the common 100 steps would not fit in a
+few minutes with 12 subspace runs); subspace lr 1e-1 (AdamW, weight decay 0, warmup 10 steps, cosine to
+lr / 10, clipping 1.0: the common schedule), chosen against 1 and 1e-2 by a short run at d = 1000, where it
+lowered the validation loss most. LoRA and full fine-tuning use the common lrs (1e-2, 1e-3). Validation: the
+first 128 windows of python-email's validation text. One seed. ``fast=True``: d = 10, 100, r = 1, 2, 4 steps
+of 2 windows, 2 validation windows: seconds.
 
-What the default run showed is written in the final report of the issue, not asserted here; at this tiny
-scale and with 60 steps the papers' findings need not hold (see summary()'s findings lines).
+``summary`` reports what the run shows: its findings lines are computed from the numbers, not asserted; at
+this tiny scale and with 60 steps the papers' findings need not hold.
 """
 from __future__ import annotations
 

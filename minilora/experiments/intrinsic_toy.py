@@ -19,7 +19,8 @@ How theta_d is found (both, per d):
 
 d90 convention for this toy: the full-D optimum is loss 0, so "90% of the improvement" would be met by
 solving ~9 of 10 constraints; we use the stricter "solved" criterion of the toy: the smallest d whose exact
-loss is below 1e-6 x the starting loss (at theta_d = 0). Expected and obtained: d90 = 10 for both projections.
+loss is below 1e-6 x the starting loss (at theta_d = 0). Expected: d90 = 10 for both projections; ``summary``
+prints what the run finds.
 
 Cost: default (d = 1..20, 30, 50, 100, 300, 1000 for fastfood and dense, 500 Adam steps each): a few seconds.
 ``fast=True``: d = 1..12, 200 Adam steps.

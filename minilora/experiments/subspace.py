@@ -39,15 +39,11 @@ the paper's Figure 3) and the two r = 8 runs ("seeds", Figure 4), each
 The paper (GPT-3, r = 8 against r = 64) finds the top direction shared, phi > 0.5, and the rest near chance:
 the useful subspace of the update is tiny.
 
-What the tiny model shows (default run, seed 0, 400 steps, means over the 8 adapted matrices). Training makes
-the subspaces overlap far beyond chance, while the same comparison at initialisation sits at chance: between
-r = 8 and r = 32, phi(8, 8) ~ 0.26 (chance 0.0625, init 0.066) and phi(1, 32) ~ 0.56 (chance 0.25); two seeds at
-r = 8 give phi(8, 8) ~ 0.26 too. But there is no dominant shared top direction as in GPT-3: phi(1, 1) ~ 0.13
-between ranks and ~ 0.10 between seeds (0.00 to 0.34 by module; chance 0.008, paper > 0.5), and the overlap is
-spread over the whole r = 8 subspace instead of concentrated at its top, so "the rest is near random" does not
-hold here either. Two likely reasons: A's singular values stay nearly flat (within a factor of about 2, so its
-"top direction" is barely singled out), and this task, a new text domain for a character model, keeps gaining
-from rank (validation loss ~ 1.88 at r = 8, ~ 1.80 at r = 32): its update is not nearly rank one.
+``summary`` reports what the run shows: for each pair (ranks, seeds) and each state (trained, init,
+learned), phi of the top directions, of the top direction against all of the other's, and of all against
+all, averaged over the adapted matrices beside chance; and phi(1, 1) module by module. Trained against init
+and chance says whether training makes the subspaces overlap beyond chance; phi(1, 1) against the paper's
+> 0.5 says whether a dominant top direction is shared, as in GPT-3.
 """
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ from .kernels import elementwise_kernel
 def _row_dot(a, b):
     """sum(a * b, axis=-1): the row-wise dot products of two arrays of the same shape (..., n) -> (...).
 
-    NumPy's einsum computes them without making the product array a * b. CuPy's einsum costs several times
-    the product and the sum (it is bound by Python overhead at these sizes), so there it is those two."""
+    NumPy's einsum computes them without making the product array a * b. CuPy's einsum is slower than the
+    product and the sum (it is bound by Python overhead at these sizes), so there it is those two."""
     xp = get_array_module(a)
     return xp.einsum("...n,...n->...", a, b) if xp is numpy else (a * b).sum(axis=-1)
 
@@ -71,7 +71,7 @@ def scatter_add(target, indices, values) -> None:
     module = get_array_module(target)
     if module is numpy:
         # numpy.add.at is correct but slow; sorting the indices and summing each run of equal ones
-        # (add.reduceat) gives the same sums about twice as fast
+        # (add.reduceat) gives the same sums faster
         if len(indices) == 0:
             return
         order = numpy.argsort(indices, kind="stable")
@@ -256,8 +256,8 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
     qh = (q * scale).reshape(B, T, n_head, hs).transpose(0, 2, 1, 3)
     kh = k.reshape(B, S, n_head, hs).transpose(0, 2, 1, 3)   # (B, H, S, hs)
     vh = v.reshape(B, S, n_head, hs).transpose(0, 2, 1, 3)
-    # k^T is made contiguous: a batched product whose right operand is a transposed view is about twice as
-    # slow in NumPy, and this copy costs a quarter of that.
+    # k^T is made contiguous: NumPy's batched product is slower when its right operand is a transposed view,
+    # and this copy costs less than it saves.
     khT = xp.ascontiguousarray(kh.transpose(0, 1, 3, 2))   # (B, H, hs, S)
     att = qh @ khT                                 # (B, H, T, S) scores, already divided by sqrt(hs)
     att += _causal_mask(xp, T, S, att.dtype)       # future positions -> -inf

@@ -1,5 +1,10 @@
-"""The fast path of ``minilora.core.lora``'s pair: the same two-step LoRA (never folded into W), with the
-adapter's products added in place and the scale applied on the narrow (N, r) side."""
+"""The fast path of ``minilora.core.lora``'s pair: the same two-step LoRA forward (the adapter is never added
+into W in the forward: its unmerged latency is the two-step adapter's), with the adapter's product added in
+place and the scale applied on the narrow (N, r) side.
+
+In the backward, without dropout, the input gradient's two products dy W^T + (s dy B) A are computed as one,
+dy (W + s A^T B^T)^T: equal in exact arithmetic, and forming the (in, out) sum costs in*out*r multiplies where
+the separate product and the addition cost passes over the (N, in) gradient."""
 from __future__ import annotations
 
 from ..core.functional import dropout_backward, dropout_forward
@@ -18,15 +23,21 @@ def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
 def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
     """Gradients of lora_forward: dx, dA, dB, dW (or None), db (or None)."""
     base_cache, xd, drop_cache, h, A, B, scale = cache
-    dx, dW, db = linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)
+    x, W, has_bias = base_cache
     dy2 = dy.reshape(-1, dy.shape[-1])                        # (N, out)
-    dB = dy2.T @ h                                           # fwd: y += s h B^T
+    dB = dy2.T @ h                                            # fwd: y += s h B^T
     dB *= scale
     dh = dy2 @ B                                              # fwd: y += s h B^T   (N, r)
     dh *= scale
     dA = dh.T @ xd.reshape(-1, xd.shape[-1])                  # fwd: h = xd A^T
     if drop_cache is None:
-        dx.reshape(-1, dx.shape[-1])[...] += dh @ A           # fwd: h = x A^T (no dropout)
+        W_adapted = A.T @ B.T                                 # (in, out)
+        W_adapted *= scale
+        W_adapted += W                                        # fwd: y = x W + b + s (x A^T) B^T
+        dx = (dy2 @ W_adapted.T).reshape(x.shape)
+        dW = x.reshape(-1, x.shape[-1]).T @ dy2 if weight_grad else None   # fwd: y = x W
+        db = dy2.sum(axis=0) if has_bias and bias_grad else None          # fwd: y += b
     else:
+        dx, dW, db = linear_backward(dy, base_cache, weight_grad=weight_grad, bias_grad=bias_grad)
         dx += dropout_backward((dh @ A).reshape(dx.shape), drop_cache)   # fwd: h = dropout(x) A^T
     return dx, dA, dB, dW, db

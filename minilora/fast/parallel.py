@@ -1,8 +1,8 @@
 """Data parallelism over the CPU's cores: each thread runs its own replica of the model on a slice of the batch.
 
-NumPy runs each elementwise operation (GELU, softmax, layernorm, the residual adds: about half of a training
-step) on one core; only matrix products spread over cores (in OpenBLAS). PyTorch runs both kinds on every
-core. To use every core for everything without changing a line of the layer code, minilora splits the batch:
+NumPy runs each elementwise operation (GELU, softmax, layernorm, the residual adds: a large share of a training
+step) on one core; only matrix products spread over cores (in OpenBLAS). PyTorch runs both kinds on every core.
+To use every core for everything without changing a line of the layer code, minilora splits the batch:
 
     thread k:  replica_k.forward(idx[slice_k]) -> loss_k;  replica_k.backward(w_k * dlogits_k)
     then:      model.grad = sum_k replica_k.grad             w_k = (tokens in slice k) / (tokens in the batch)

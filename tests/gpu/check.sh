@@ -9,7 +9,8 @@
 #      generation (tests/gpu/); then every fast function against its reference on the GPU (tests/test_fast.py);
 #   5. the whole test suite with MINILORA_BACKEND=cupy.
 # JSON, the scaling plot and the two pytest logs go to ${OUT:-gpu-check}/ (7 files); everything else is printed,
-# the summary last. With the device tool: CHECK_SECONDS=400 bash tests/gpu/check.sh > $OUT/check.log 2>&1
+# the summary last. With a time limit for the whole check (seconds):
+#   CHECK_SECONDS=400 bash tests/gpu/check.sh > $OUT/check.log 2>&1
 set -u
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-gpu-check}"
