@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="every fine-tuning method side by side (scores, costs, latency)",
                        description="Fine-tune the shipped model with every method over several seeds on the code "
-                                   "domain (bits/char) and the stdlib-package classification task (accuracy); "
+                                   "domain (bits/char) and the prose-or-package classification task (accuracy); "
                                    "print the table of trainable parameters, scores, step time, memory, checkpoint "
                                    "size and inference latency at batch 1 and 32; write table.csv, result.json "
                                    f"and plot.png. Methods: {', '.join(METHODS)}.")
