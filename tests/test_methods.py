@@ -411,3 +411,16 @@ def test_generation_crops_the_context_to_what_fits(method):
     model = apply_method(small_model(dtype="float32"), method, SMALL)
     out = model.generate(tokens(B=1, T=9), max_new_tokens=6, seed=0)    # 15 tokens > block_size - 3
     assert out.shape == (1, 15)
+
+
+def test_what_a_method_added_is_an_explicit_field_of_its_parameters():
+    """freeze_pretrained freezes what no method added, by the parameter's added_by field, not by its name."""
+    for method in METHODS:
+        model = apply_method(small_model(), method, SMALL)
+        for name, p in model.named_parameters():
+            if method == "full":
+                assert p.added_by is None and p.trainable, name
+            elif p.added_by is not None:
+                assert p.added_by in method.replace("-mlp", "") and p.trainable, (method, name, p.added_by)
+            elif method != "bitfit":
+                assert not p.trainable, (method, name)

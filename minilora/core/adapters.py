@@ -78,10 +78,11 @@ class DropoutAndAdapter(Module):
         self.training = dropout.training
         bound = 1.0 / math.sqrt(n_embd)          # as a fresh nn.Linear (and LoRA's A): uniform(-1/sqrt(C), 1/sqrt(C))
         self.adapter_down = Parameter(backend.asarray(rng.uniform(-bound, bound, (n_embd, bottleneck)).astype(dtype)),
-                                      decay=True)
-        self.adapter_down_bias = Parameter(zeros((bottleneck,), dtype))
-        self.adapter_up = Parameter(zeros((bottleneck, n_embd), dtype), decay=True)   # zero: starts as the identity
-        self.adapter_up_bias = Parameter(zeros((n_embd,), dtype))
+                                      decay=True, added_by="adapters")
+        self.adapter_down_bias = Parameter(zeros((bottleneck,), dtype), added_by="adapters")
+        self.adapter_up = Parameter(zeros((bottleneck, n_embd), dtype), decay=True,   # zero: starts as the identity
+                                    added_by="adapters")
+        self.adapter_up_bias = Parameter(zeros((n_embd,), dtype), added_by="adapters")
 
     def forward(self, x):
         """x: (B, T, C) -> (B, T, C)."""

@@ -100,8 +100,8 @@ class LoRALinear(Linear):
             A, B = self._pissa_init(r)
         else:
             raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
-        self.lora_A = Parameter(backend.asarray(A.astype(dtype)))
-        self.lora_B = Parameter(backend.asarray(B.astype(dtype)))
+        self.lora_A = Parameter(backend.asarray(A.astype(dtype)), added_by="lora")
+        self.lora_B = Parameter(backend.asarray(B.astype(dtype)), added_by="lora")
         self.init = init
 
     def _pissa_init(self, r):

@@ -21,14 +21,17 @@ class Parameter:
 
     data: the array; grad: None until a backward accumulates into it; trainable: whether backward computes
     its gradient and optimizers update it; decay: whether AdamW applies weight decay to it (True for the
-    matrices of linear layers, False for biases, LayerNorm and embeddings, as GPT-2 training does).
+    matrices of linear layers, False for biases, LayerNorm and embeddings, as GPT-2 training does);
+    added_by: the fine-tuning method that added it ("lora", "adapters", "prefix", "prompt"), or None for a
+    weight of the pretrained model.
     """
 
-    def __init__(self, data, trainable: bool = True, decay: bool = False):
+    def __init__(self, data, trainable: bool = True, decay: bool = False, added_by: str | None = None):
         self.data = data
         self.grad = None
         self.trainable = trainable
         self.decay = decay
+        self.added_by = added_by
 
     @property
     def shape(self):
@@ -145,22 +148,13 @@ class Module:
         return []
 
 
-# the name parts that mark a parameter a fine-tuning method added (LoRA, adapters, prefix and prompt tuning)
-ADDED_BY_METHODS = ("lora_", "adapter_", "prefix_", "prompt_")
-
-
-def is_added_by_method(name: str) -> bool:
-    """Whether a dotted parameter name belongs to a fine-tuning method rather than to the pretrained model."""
-    return any(part.startswith(ADDED_BY_METHODS) for part in name.split("."))
-
-
 def freeze_pretrained(model: Module) -> None:
-    """Freeze the pretrained weights: every parameter except those a fine-tuning method added.
+    """Freeze the pretrained weights: every parameter that no fine-tuning method added (``added_by`` None).
 
     Each method (apply_lora, apply_adapters, apply_prefix, apply_prompt) calls this before adding its own
     trainable parameters, so methods combine in any order and the earlier ones stay trainable."""
-    for name, p in model.named_parameters():
-        if not is_added_by_method(name):
+    for p in model.parameters():
+        if p.added_by is None:
             p.trainable = False
 
 

@@ -126,9 +126,12 @@ class PrefixEncoder(Module):
 
     def __init__(self, length, n_layer, n_embd, hidden, rng, dtype):
         self.n_embd = n_embd
-        self.prefix_embedding = Parameter(backend.asarray(rng.normal(0.0, 1.0, (length, n_embd)).astype(dtype)))
+        self.prefix_embedding = Parameter(backend.asarray(rng.normal(0.0, 1.0, (length, n_embd)).astype(dtype)),
+                                          added_by="prefix")
         self.prefix_in = Linear(n_embd, hidden, std=1.0 / math.sqrt(n_embd), rng=rng, dtype=dtype)
         self.prefix_out = Linear(hidden, 2 * n_layer * n_embd, std=0.02, rng=rng, dtype=dtype)
+        for p in self.prefix_in.parameters() + self.prefix_out.parameters():
+            p.added_by = "prefix"
 
     def _columns(self, layer):
         return slice(2 * layer * self.n_embd, 2 * (layer + 1) * self.n_embd)
@@ -170,8 +173,8 @@ class PrefixAttention(CausalSelfAttention):
         self.layer = layer
         self._encoder = encoder
         if encoder is None:
-            self.prefix_keys = Parameter(prefix_k)
-            self.prefix_values = Parameter(prefix_v)
+            self.prefix_keys = Parameter(prefix_k, added_by="prefix")
+            self.prefix_values = Parameter(prefix_v, added_by="prefix")
 
     def _prefixes_with_cache(self):
         """-> (prefix_k, prefix_v, the encoder's cache or None), prefixes (P, C)."""
@@ -220,7 +223,7 @@ class PromptEmbedding(Embedding):
     def __init__(self, wte: Embedding, prompt):
         self.weight = wte.weight
         self.training = wte.training
-        self.prompt_embeddings = Parameter(prompt)
+        self.prompt_embeddings = Parameter(prompt, added_by="prompt")
 
     def forward(self, idx):
         """idx: (B, T) -> (B, P + T, C)."""
@@ -372,8 +375,8 @@ def bake_prefix(model: Module) -> None:
         raise ValueError("the model has no prefix MLP to bake (apply_prefix with reparameterize=True first)")
     for _, attn in prefix_modules(model):
         prefix_k, prefix_v = attn.prefixes()
-        attn.prefix_keys = Parameter(prefix_k.copy())
-        attn.prefix_values = Parameter(prefix_v.copy())
+        attn.prefix_keys = Parameter(prefix_k.copy(), added_by="prefix")
+        attn.prefix_values = Parameter(prefix_v.copy(), added_by="prefix")
         attn._encoder = None
     del model.prefix_encoder
 
