@@ -36,11 +36,7 @@ def _row_dot(a, b):
 
 
 def linear_forward(x, W, b=None):
-    """y = x @ W + b.
-
-    x: (..., in) inputs; W: (in, out) weight; b: (out,) bias or None.
-    Returns y: (..., out) and the cache (x, W, has_bias).
-    """
+    """core.functional.linear_forward, with the bias added in place."""
     x2 = x.reshape(-1, x.shape[-1])      # (N, in): one matrix product instead of one per batch row
     y = x2 @ W                           # (N, out)
     if b is not None:
@@ -49,7 +45,7 @@ def linear_forward(x, W, b=None):
 
 
 def linear_backward(dy, cache, weight_grad=True, bias_grad=True):
-    """Gradients of y = x @ W + b. dy: (..., out). Returns dx: (..., in), dW: (in, out) or None, db: (out,) or None."""
+    """core.functional.linear_backward (the same three products)."""
     x, W, has_bias = cache
     dy2 = dy.reshape(-1, dy.shape[-1])                                  # (N, out)
     dx = (dy2 @ W.T).reshape(x.shape)                                   # fwd: y = x @ W
@@ -89,10 +85,7 @@ def scatter_add(target, indices, values) -> None:
 
 
 def embedding_backward(dout, cache):
-    """Gradient of the table: each row collects the sum of dout over every position that looked it up.
-
-    dout: (*S, C). Returns dW: (V, C). A token repeated in idx accumulates (scatter-add, not assignment).
-    """
+    """core.functional.embedding_backward with the sorted scatter-add above."""
     idx, table_shape = cache
     xp = get_array_module(dout)
     dW = xp.zeros(table_shape, dtype=dout.dtype)
@@ -105,10 +98,7 @@ def embedding_backward(dout, cache):
 
 
 def layernorm_forward(x, w, b, eps=1e-5):
-    """Normalise each row of x over its last axis, then scale and shift (GPT-2's LayerNorm, eps 1e-5).
-
-    x: (..., C); w, b: (C,). Returns out: (..., C) and the cache (xhat, w, rstd).
-    """
+    """core.functional.layernorm_forward in place, the variance as row dot products."""
     xp = get_array_module(x)
     if xp is not numpy:
         return _layernorm_forward_gpu(x, w, b, eps)
@@ -123,7 +113,7 @@ def layernorm_forward(x, w, b, eps=1e-5):
 
 
 def layernorm_backward(dout, cache, param_grad=True):
-    """Gradients of layernorm. dout: (..., C). Returns dx: (..., C), dw: (C,), db: (C,) (None, None if frozen)."""
+    """core.functional.layernorm_backward, the row means as matrix-vector products."""
     xhat, w, rstd = cache
     xp = get_array_module(dout)
     C = xhat.shape[-1]
@@ -182,10 +172,7 @@ _GELU_C = GELU_C
 
 
 def gelu_forward(x):
-    """out = 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi).
-
-    x: any shape. Returns out (same shape) and the cache (x, tanh term).
-    """
+    """core.functional.gelu_forward in place (one GPU kernel on CuPy)."""
     xp = get_array_module(x)
     if xp is not numpy:
         out, t = elementwise_kernel("T x, float64 k, float64 ck", "T out, T t", kernels.GELU_FORWARD,
@@ -203,7 +190,7 @@ def gelu_forward(x):
 
 
 def gelu_backward(dout, cache):
-    """dx = dout * (0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 * 0.044715 x^2))."""
+    """core.functional.gelu_backward in place (one GPU kernel on CuPy)."""
     x, t = cache
     xp = get_array_module(x)
     if xp is not numpy:
@@ -241,12 +228,8 @@ def _causal_mask(xp, T, S, dtype):
 
 
 def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
-    """Causal scaled dot-product attention over n_head heads.
-
-    q: (B, T, C); k, v: (B, S, C) with S >= T (S = T for ordinary self-attention; S - T > 0 leading keys
-    and values form a prefix every query may attend to). C = n_head * hs. Returns y: (B, T, C) (heads joined,
-    before the output projection) and the cache.
-    """
+    """core.functional.attention_forward: the scale applied to q, k^T made contiguous, a
+    cheaper softmax shift on the CPU, a cached mask."""
     xp = get_array_module(q)
     B, T, C = q.shape
     S = k.shape[1]
@@ -285,7 +268,7 @@ def attention_forward(q, k, v, n_head, dropout_p=0.0, rng=None):
 
 
 def attention_backward(dy, cache):
-    """Gradients of causal attention. dy: (B, T, C). Returns dq: (B, T, C) and dk, dv: (B, S, C)."""
+    """core.functional.attention_backward with in-place softmax arithmetic."""
     xp = get_array_module(dy)
     qh, kh, vh, att, att_drop, drop_cache, scale = cache
     B, H, T, hs = qh.shape
@@ -312,12 +295,7 @@ def attention_backward(dy, cache):
 
 
 def softmax_cross_entropy(logits, targets, ignore_index=None):
-    """Mean cross-entropy of softmax(logits) against integer targets, and its gradient in one pass.
-
-    logits: (..., V) scores; targets: integer array of shape logits.shape[:-1]; ignore_index: a target
-    value whose positions count for nothing (neither in the loss nor in the mean), or None.
-    Returns loss (Python float, mean over counted positions) and dlogits (same shape as logits).
-    """
+    """core.functional.softmax_cross_entropy in place."""
     xp = get_array_module(logits)
     V = logits.shape[-1]
     rows = logits.reshape(-1, V)                                    # (N, V)
