@@ -1,7 +1,7 @@
-"""Every teaching notebook runs from top to bottom in fast mode without an error.
+"""Every teaching notebook runs from top to bottom in quick mode without an error.
 
 Each notebooks/*.ipynb is its own test case, so a new notebook is tested as soon as it is added. The kernel
-gets MINILORA_FAST=1 (each notebook makes its slow parts smaller) and the Agg backend (no display needed),
+gets MINILORA_QUICK=1 (each notebook makes its slow parts smaller) and the Agg backend (no display needed),
 starts in notebooks/ (so relative paths behave as they do for a reader), and each notebook has 300 s in all.
 The notebooks assert their own results, so "runs without an error" means "every check in it passed".
 """
@@ -21,7 +21,7 @@ TIMEOUT_S = 300   # per notebook, all cells together
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, monkeypatch):
-    monkeypatch.setenv("MINILORA_FAST", "1")   # read by the kernel, which inherits this environment
+    monkeypatch.setenv("MINILORA_QUICK", "1")   # read by the kernel, which inherits this environment
     monkeypatch.setenv("MPLBACKEND", "Agg")
     nb = nbformat.read(path, as_version=4)
     deadline = time.monotonic() + TIMEOUT_S
@@ -39,4 +39,4 @@ def test_notebook_runs(path, monkeypatch):
         # the message holds the failing cell's source and its traceback
         pytest.fail(f"{path.name}: a cell raised an error\n{exc}", pytrace=False)
     except TimeoutError as exc:   # nbclient's CellTimeoutError is a TimeoutError
-        pytest.fail(f"{path.name}: did not finish within {TIMEOUT_S} s in fast mode\n{exc}", pytrace=False)
+        pytest.fail(f"{path.name}: did not finish within {TIMEOUT_S} s in quick mode\n{exc}", pytrace=False)
