@@ -183,13 +183,20 @@ class use_fast:
 
     def __init__(self, enabled: bool = True):
         self.previous = _state["fast"]
-        _state["fast"] = _flag(enabled, "use_fast's argument")
+        _switch_fast(_flag(enabled, "use_fast's argument"))
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc_info):
-        _state["fast"] = self.previous
+        _switch_fast(self.previous)
+
+
+def _switch_fast(enabled: bool) -> None:
+    if enabled != _state["fast"]:
+        _state["fast"] = enabled
+        for pairs in _all_pairs:
+            pairs.forget()
 
 
 def fast_enabled() -> bool:
@@ -213,24 +220,35 @@ def register_fast(reference_module, functions: dict) -> None:
             raise ValueError(f"the fast {name} takes {inspect.signature(function)}; the reference takes "
                              f"{inspect.signature(reference)}")
         _fast_versions[(reference_module.__name__, name)] = function
+    for pairs in _all_pairs:
+        pairs.forget()
 
 
 class Pairs:
     """The functions of a reference module, each replaced by its fast version while the fast path is on.
 
     ``F = Pairs(functional)`` then ``F.linear_forward(...)`` calls ``functional.linear_forward`` on the
-    reference core, and the registered fast version (``minilora.fast``) otherwise."""
+    reference core, and the registered fast version (``minilora.fast``) otherwise. A name is looked up once
+    and then kept as an attribute (a layer calls its pairs many times a step); switching paths forgets them."""
 
     def __init__(self, reference_module):
         self.reference = reference_module
+        _all_pairs.append(self)
 
     def __getattr__(self, name):
-        if _state["fast"]:
-            function = _fast_versions.get((self.reference.__name__, name))
-            if function is not None:
-                return function
-        return getattr(self.reference, name)
+        function = _fast_versions.get((self.reference.__name__, name)) if _state["fast"] else None
+        if function is None:
+            function = getattr(self.reference, name)
+        setattr(self, name, function)
+        return function
 
+    def forget(self) -> None:
+        """Drop the functions looked up so far (the path in use changed)."""
+        for name in [n for n in vars(self) if n != "reference"]:
+            delattr(self, name)
+
+
+_all_pairs = []          # every Pairs made, to forget their lookups when the path changes
 
 _state["fast"] = _flag(os.environ.get("MINILORA_FAST", "1"), "the environment variable MINILORA_FAST")
 

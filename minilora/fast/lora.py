@@ -1,6 +1,6 @@
 """The fast path of ``minilora.core.lora``'s pair: the same two-step LoRA forward (the adapter is never added
 into W in the forward: its unmerged latency is the two-step adapter's), with the adapter's product added in
-place and the scale applied on the narrow (N, r) side.
+place.
 
 In the backward, without dropout, the input gradient's two products dy W^T + (s dy B) A are computed as one,
 dy (W + s A^T B^T)^T: equal in exact arithmetic, and forming the (in, out) sum costs in*out*r multiplies where
@@ -15,8 +15,10 @@ def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
     """y = x W + b + scale * (dropout(x) A^T) B^T. x: (..., in) -> y: (..., out), and the cache."""
     y, base_cache = linear_forward(x, W, b)                   # (..., out) fresh: safe to add into
     xd, drop_cache = dropout_forward(x, dropout_p, rng)
-    h = xd.reshape(-1, x.shape[-1]) @ A.T                     # (N, r)
-    y.reshape(-1, y.shape[-1])[...] += (h * scale) @ B.T      # (N, out): scaling the (N, r) side is cheaper
+    # the thin products run faster on contiguous (in, r) and (r, out) operands than on transposed views, and
+    # the scale rides on the (r, out) matrix, the smallest array of the four
+    h = xd.reshape(-1, x.shape[-1]) @ A.T.copy()             # (N, r)
+    y.reshape(-1, y.shape[-1])[...] += h @ (scale * B).T.copy()   # (N, out)
     return y, (base_cache, xd, drop_cache, h, A, B, scale)
 
 

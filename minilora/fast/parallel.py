@@ -52,8 +52,8 @@ def _blas_controller():
     return ThreadpoolController()
 
 
-SLICE_TOKENS = 512      # tokens per slice on NumPy: a (512, 4C) float32 activation of the default model is 1 MB,
-                        # so a slice's arrays stay in a core's L2 cache; much smaller slices pay Python's
+SLICE_TOKENS = 1024     # tokens per slice on NumPy: a (1024, 4C) float32 activation of the default model is 2 MB,
+                        # so a slice's arrays stay near a core's L2 cache; much smaller slices pay Python's
                         # per-call overhead more often than they gain (``minilora bench`` shows the step time)
 
 
