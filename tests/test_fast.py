@@ -317,3 +317,12 @@ def test_old_import_paths_are_the_moved_modules():
     assert linear_forward is ref.linear_forward and grade is ml.course.grade
     for name in ml.__all__:
         assert hasattr(ml, name), name
+
+
+def test_replacing_a_reference_function_takes_effect_on_the_reference_core(monkeypatch):
+    """A planted bug in the reference module reaches the model at once (notebooks and tests rely on it)."""
+    model, idx, _ = _model_and_batch("full")
+    with ml.use_fast(False):
+        clean = host(model.forward(idx))
+        monkeypatch.setattr(ref, "gelu_forward", lambda x: (0.0 * x, (x, x)))
+        assert not np.allclose(host(model.forward(idx)), clean)

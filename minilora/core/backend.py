@@ -228,8 +228,10 @@ class Pairs:
     """The functions of a reference module, each replaced by its fast version while the fast path is on.
 
     ``F = Pairs(functional)`` then ``F.linear_forward(...)`` calls ``functional.linear_forward`` on the
-    reference core, and the registered fast version (``minilora.fast``) otherwise. A name is looked up once
-    and then kept as an attribute (a layer calls its pairs many times a step); switching paths forgets them."""
+    reference core, and the registered fast version (``minilora.fast``) otherwise. A fast version is looked up
+    once and then kept as an attribute (a layer calls its pairs many times a step; switching paths forgets
+    them); a reference function is looked up on every call, so replacing it in its module (a planted bug in a
+    notebook, a test's monkeypatch) takes effect at once."""
 
     def __init__(self, reference_module):
         self.reference = reference_module
@@ -238,7 +240,7 @@ class Pairs:
     def __getattr__(self, name):
         function = _fast_versions.get((self.reference.__name__, name)) if _state["fast"] else None
         if function is None:
-            function = getattr(self.reference, name)
+            return getattr(self.reference, name)
         setattr(self, name, function)
         return function
 
