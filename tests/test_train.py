@@ -1,4 +1,5 @@
 """The training loop: it learns, resumes exactly, stops on non-finite losses; checkpoints; generation."""
+import contextlib
 import math
 
 import numpy as np
@@ -8,6 +9,27 @@ import minilora as ml
 from minilora import data, tokenizer, train
 
 TINY = dict(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=16)
+
+
+@contextlib.contextmanager
+def crash_after_second_checkpoint():
+    """The training run inside is interrupted (KeyboardInterrupt) right after its second checkpoint is written."""
+    real_save = train.save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_crash(*args, **kwargs):
+        path = real_save(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return path
+
+    train.save_checkpoint = save_then_crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        train.save_checkpoint = real_save
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +72,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(toy_ids, tmp_path, dropo
     # the same run, interrupted after its checkpoint at step 8
     part_cfg = _config(tmp_path / "part")
     stopped = _model(cfg, 0, lora_dropout)
-    calls = {"n": 0}
-    real_save = train.save_checkpoint
-
-    def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return path
-
-    train.save_checkpoint = save_then_crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.fit(stopped, toy_ids, toy_ids, part_cfg)
-    finally:
-        train.save_checkpoint = real_save
+    with crash_after_second_checkpoint():
+        train.fit(stopped, toy_ids, toy_ids, part_cfg)
     resumed_model = _model(cfg, 99, lora_dropout)   # different init: everything must come from the checkpoint
     resumed = train.fit(resumed_model, toy_ids, toy_ids, part_cfg,
                         resume_from=tmp_path / "part" / train.CHECKPOINT_NAME)
@@ -175,22 +183,8 @@ def test_a_run_on_a_batch_function_resumes_exactly(toy_ids, tmp_path):
                      ignore_index=-1)
     part_cfg = _config(tmp_path / "part", steps=12)
     stopped = ml.GPT(ml.GPTConfig(**TINY), seed=0)
-    real_save = train.save_checkpoint
-    calls = {"n": 0}
-
-    def save_then_crash(*args, **kwargs):
-        path = real_save(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return path
-
-    train.save_checkpoint = save_then_crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.fit(stopped, config=part_cfg, batches=batches, ignore_index=-1)
-    finally:
-        train.save_checkpoint = real_save
+    with crash_after_second_checkpoint():
+        train.fit(stopped, config=part_cfg, batches=batches, ignore_index=-1)
     resumed = train.fit(ml.GPT(ml.GPTConfig(**TINY), seed=9), config=part_cfg, batches=batches, ignore_index=-1,
                         resume_from=tmp_path / "part" / train.CHECKPOINT_NAME)
     assert resumed.train == full.train
