@@ -153,12 +153,23 @@ def _finetune(args) -> int:
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus)
     print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({settings.lora})" if settings else ""))
+    plan = {1: args.latency_repeats, 32: max(1, args.latency_repeats // 4)} if args.latency_repeats else 0
     run = finetune(model, args.method, corpus, tc, out_dir=args.out, seed=args.seed, settings=settings,
-                   latency_repeats=0)
+                   latency_repeats=plan)
     bits = 1 / math.log(2)
     print(f"trainable {run.trainable:,} of {run.total:,} ({run.percent:.3f}%); validation "
           f"{run.val_before * bits:.4f} -> {run.val_after * bits:.4f} bits/char; step {1e3 * run.step_seconds:.1f} ms; "
           f"saved {run.saved_bytes / 1024:.1f} KB to {args.out}")
+    for batch, t in run.latency_ms.items():
+        # each ratio is the median [interquartile range] of the per-round ratio to the base model
+        ratio = {name: "{:.3f}x [{:.3f}, {:.3f}]".format(*t["ratio"][name]) for name in ("unmerged", "merged")}
+        if args.method == "lora":
+            print(f"inference latency, batch {batch}: base {t['base']:.2f} ms; LoRA unmerged (two-step) "
+                  f"{t['unmerged']:.2f} ms = {ratio['unmerged']} of base; merged {t['merged']:.2f} ms = "
+                  f"{ratio['merged']} of base")
+        else:
+            print(f"inference latency, batch {batch}: base {t['base']:.2f} ms; fine-tuned {t['unmerged']:.2f} ms = "
+                  f"{ratio['unmerged']} of base")
     return 0
 
 
@@ -302,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dropout", type=float, default=0.0, help="the model's own dropout while fine-tuning")
     f.add_argument("--eval-every", type=int, default=50)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--latency-repeats", type=int, default=20,
+                   help="after training, time inference at batch 1 (this many rounds) and 32 (a quarter): the base "
+                        "model, LoRA unmerged and merged, taking turns; 0 skips it")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune)
 

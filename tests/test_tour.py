@@ -48,9 +48,14 @@ def test_lora_finetuning_moves_only_the_adapters(tmp_path):
 
 
 def test_finetune_cli(tmp_path, capsys):
-    args = ["finetune", "--out", str(tmp_path), "--steps", "3", "--batch-size", "2", "--eval-every", "3", "--quiet"]
+    args = ["finetune", "--out", str(tmp_path), "--steps", "3", "--batch-size", "2", "--eval-every", "3", "--quiet",
+            "--latency-repeats", "1"]
     assert cli.main(args + ["--method", "lora", "--r", "2"]) == 0
-    assert "bits/char" in capsys.readouterr().out and (tmp_path / lora.ADAPTER_WEIGHTS).is_file()
+    out = capsys.readouterr().out
+    assert "bits/char" in out and (tmp_path / lora.ADAPTER_WEIGHTS).is_file()
+    assert "batch 1: base" in out and "LoRA unmerged (two-step)" in out and "batch 32" in out
+    assert cli.main(args + ["--method", "lora", "--latency-repeats", "-1"]) == 2
+    assert "latency_repeats" in capsys.readouterr().err
     assert cli.main(args + ["--method", "full"]) == 0
     assert (tmp_path / "model.safetensors").is_file()
     assert cli.main(args + ["--method", "lora", "--targets", "c_attn"]) == 2
@@ -86,7 +91,7 @@ def test_cli_tour_and_studies_fine_tune_through_the_one_recipe(tmp_path, monkeyp
     for module in (finetune, tour, common):   # the CLI imports it from finetune when the command runs
         monkeypatch.setattr(module, "finetune", spy)
     assert cli.main(["finetune", "--out", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "2", "--quiet",
-                     "--method", "full"]) == 0
+                     "--method", "full", "--latency-repeats", "0"]) == 0
     assert "bits/char" in capsys.readouterr().out
     run_tour(TourConfig.quick(out_dir=str(tmp_path / "tour"), ranks=(2,), steps=2, latency_repeats=1))
     common.run_lora(("q_proj",), 1, 0, common.RunSettings.for_mode(True, steps=2))
