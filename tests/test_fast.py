@@ -282,8 +282,11 @@ def _python(code, **env):
 def test_the_environment_variable_selects_the_reference_core():
     assert _python("import minilora, sys; sys.exit(minilora.fast_enabled())", MINILORA_FAST="0").returncode == 0
     assert _python("import minilora, sys; sys.exit(minilora.fast_enabled())", MINILORA_FAST="1").returncode == 1
-    bad = _python("import minilora", MINILORA_FAST="maybe")
+    bad = _python("import minilora as ml; ml.GPT(ml.GPTConfig()).forward([[1, 2]])", MINILORA_FAST="maybe")
     assert bad.returncode != 0 and "MINILORA_FAST" in bad.stderr and "'maybe'" in bad.stderr
+    # the command says so in one line, without a traceback
+    run = _python("import sys; from minilora import cli; sys.exit(cli.main(['gradcheck']))", MINILORA_FAST="maybe")
+    assert run.returncode == 2 and "Traceback" not in run.stderr and "'maybe'" in run.stderr
 
 
 def test_importing_minilora_changes_nothing_process_wide():

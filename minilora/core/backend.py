@@ -201,6 +201,8 @@ def _switch_fast(enabled: bool) -> None:
 
 def fast_enabled() -> bool:
     """Whether the fast path is in use (True unless switched off with use_fast(False) or MINILORA_FAST=0)."""
+    if _state["fast"] is None:                 # MINILORA_FAST held no flag: said on first use, not at import
+        _flag(os.environ.get("MINILORA_FAST"), "the environment variable MINILORA_FAST")
     return _state["fast"]
 
 
@@ -238,7 +240,7 @@ class Pairs:
         _all_pairs.append(self)
 
     def __getattr__(self, name):
-        function = _fast_versions.get((self.reference.__name__, name)) if _state["fast"] else None
+        function = _fast_versions.get((self.reference.__name__, name)) if fast_enabled() else None
         if function is None:
             return getattr(self.reference, name)
         setattr(self, name, function)
@@ -252,7 +254,10 @@ class Pairs:
 
 _all_pairs = []          # every Pairs made, to forget their lookups when the path changes
 
-_state["fast"] = _flag(os.environ.get("MINILORA_FAST", "1"), "the environment variable MINILORA_FAST")
+try:
+    _state["fast"] = _flag(os.environ.get("MINILORA_FAST", "1"), "the environment variable MINILORA_FAST")
+except ValueError:
+    _state["fast"] = None       # fast_enabled() raises the error where a caller can report it
 
 _env = os.environ.get("MINILORA_BACKEND")
 if _env:
