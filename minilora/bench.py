@@ -226,7 +226,7 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
                          tokens / ours, flops / ours / 1e9)
     result.lora_step_s, result.lora_ratio = lora, lora_ratio
     reference_step = minilora_step(config, batch_size, fast=False)
-    result.reference_step_s, ours_again, result.reference_ratio = pair(
+    result.reference_step_s, _, result.reference_ratio = pair(
         "reference step", reference_step, "full step (with reference)", ours_step, block=1)
     if with_torch:
         try:

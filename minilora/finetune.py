@@ -22,7 +22,6 @@ from typing import Callable
 
 import numpy
 
-from .core import backend
 from .core.lora import ADAPTER_WEIGHTS, LoRAConfig, parameter_report
 from .core.methods import METHODS, MethodSettings, apply_method, check_method, for_inference
 from .core.model import GPT

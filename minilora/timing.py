@@ -11,6 +11,8 @@ import statistics
 import time
 from dataclasses import dataclass
 
+import numpy
+
 from .core import backend
 
 
@@ -89,8 +91,6 @@ def paired_forward_samples(models, batch_size: int = 1, repeats: int = 20, seq_l
     (after two untimed rounds that warm caches and allocators); one list of ``repeats`` samples per model.
 
     Every model sees the same tokens: seq_len of them per sequence (None: a full block), batch_size sequences."""
-    import numpy
-
     seq_len = seq_len or models[0].config.block_size
     idx = backend.asarray(numpy.random.default_rng(0).integers(0, models[0].config.vocab_size,
                                                                 size=(batch_size, seq_len)))

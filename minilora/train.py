@@ -14,7 +14,6 @@ training with a FloatingPointError before anything is written, so the last good 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,12 +23,12 @@ import numpy
 
 from .core import backend
 from .data import get_batch, sequential_batches
-from .core.model import GPT, GPTConfig, cross_entropy
+from .core.model import GPT, cross_entropy
 from .core.nn import dropout_generators
 from .core.optim import AdamW, clip_grad_norm, cosine_schedule
 from .fast.parallel import ParallelStep, default_threads
-from .io.checkpoints import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_state, save_checkpoint
-
+# the checkpoint functions live in io.checkpoints; train.load_checkpoint and the others stay importable here
+from .io.checkpoints import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_state, save_checkpoint  # noqa: F401
 
 
 @dataclass
@@ -123,7 +122,10 @@ def evaluate(model: GPT, ids, batch_size: int = 32, block_size: int | None = Non
 
 
 def forward_backward(model: GPT, idx, targets, ignore_index=None) -> float:
-    """One step's gradients: the batch's mean cross-entropy, and its gradient in every trainable p.grad."""
+    """One step's gradients: the batch's mean cross-entropy, and its gradient in every trainable p.grad.
+
+    idx, targets: integer arrays (B, T); ignore_index: a target value whose positions count for nothing.
+    Returns the loss (a Python float)."""
     loss, dlogits = cross_entropy(model.forward(idx), targets, ignore_index)
     model.backward(dlogits)
     return loss
@@ -150,6 +152,9 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
         raise ValueError("fit needs exactly one source of training batches: a token array train_ids or a "
                          f"function batches(rng); got train_ids={'None' if train_ids is None else 'an array'}, "
                          f"batches={batches!r}")
+    for name, function in (("batches", batches), ("validate", validate)):
+        if function is not None and not callable(function):
+            raise TypeError(f"fit's {name} must be a function; got {type(function).__name__} {function!r}")
     if val_ids is not None and validate is not None:
         raise ValueError("give fit val_ids (validation loss on a token array) or validate (a function), not both")
     block_size = config.block_size or model.config.block_size

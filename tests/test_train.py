@@ -199,6 +199,10 @@ def test_fit_needs_one_source_of_batches_and_of_validation(toy_ids, tmp_path):
         train.fit(model, toy_ids, config=config, batches=_last_token_batches(toy_ids, 4, 16))
     with pytest.raises(ValueError, match="not both"):
         train.fit(model, toy_ids, toy_ids, config, validate=lambda m: 0.0)
+    with pytest.raises(TypeError, match="batches must be a function; got int"):
+        train.fit(model, config=config, batches=5)
+    with pytest.raises(TypeError, match="validate must be a function"):
+        train.fit(model, toy_ids, config=config, validate="loss")
 
 
 def test_the_fine_tuning_config():

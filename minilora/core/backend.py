@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 
 import numpy
 
@@ -237,7 +238,7 @@ class Pairs:
 
     def __init__(self, reference_module):
         self.reference = reference_module
-        _all_pairs.append(self)
+        _all_pairs.add(self)
 
     def __getattr__(self, name):
         function = _fast_versions.get((self.reference.__name__, name)) if fast_enabled() else None
@@ -252,7 +253,7 @@ class Pairs:
             delattr(self, name)
 
 
-_all_pairs = []          # every Pairs made, to forget their lookups when the path changes
+_all_pairs = weakref.WeakSet()   # every live Pairs, to forget their lookups when the path changes
 
 try:
     _state["fast"] = _flag(os.environ.get("MINILORA_FAST", "1"), "the environment variable MINILORA_FAST")

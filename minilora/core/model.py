@@ -90,13 +90,7 @@ class GPT(Module):
     # ------------------------------------------------------------------------------------------------
     def _check_idx(self, idx):
         """Validate token ids at the public boundary, before any computation."""
-        if not backend.is_array(idx):
-            if isinstance(idx, (list, tuple)):
-                idx = numpy.asarray(idx)
-            else:
-                raise TypeError(f"idx must be an integer array of shape (B, T); got {type(idx).__name__}")
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"idx must hold integer token ids; got dtype {idx.dtype}")
+        idx = _integer_array(idx, "idx must be an integer array of shape (B, T)", "idx must hold integer token ids")
         if idx.ndim != 2:
             raise ValueError(f"idx must have shape (B, T) (2 dimensions); got {idx.ndim} dimensions, shape {tuple(idx.shape)}")
         B, T = idx.shape
@@ -201,13 +195,7 @@ def cross_entropy(logits, targets, ignore_index=None):
     """
     if not backend.is_array(logits):
         raise TypeError(f"logits must be an array (..., V); got {type(logits).__name__}")
-    if not backend.is_array(targets):
-        if isinstance(targets, (list, tuple)):
-            targets = numpy.asarray(targets)
-        else:
-            raise TypeError(f"targets must be an integer array; got {type(targets).__name__}")
-    if targets.dtype.kind not in "iu":
-        raise TypeError(f"targets must hold integer class ids; got dtype {targets.dtype}")
+    targets = _integer_array(targets, "targets must be an integer array", "targets must hold integer class ids")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"targets have shape {tuple(targets.shape)}; logits {tuple(logits.shape)} need {tuple(logits.shape[:-1])}")
     V = logits.shape[-1]
@@ -218,3 +206,15 @@ def cross_entropy(logits, targets, ignore_index=None):
                          + ("" if ignore_index is None else f" or equal ignore_index {ignore_index}"))
     targets = backend.get_array_module(logits).asarray(targets)
     return F.softmax_cross_entropy(logits, targets, ignore_index)
+
+
+def _integer_array(value, not_an_array: str, not_integers: str):
+    """``value`` as an integer array (a list or tuple is converted); a TypeError with the given message, the
+    offending type or dtype appended, for anything else."""
+    if not backend.is_array(value):
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{not_an_array}; got {type(value).__name__}")
+        value = numpy.asarray(value)
+    if value.dtype.kind not in "iu":
+        raise TypeError(f"{not_integers}; got dtype {value.dtype}")
+    return value
