@@ -29,8 +29,8 @@ import numpy
 from ..data import get_batch
 from ..io.files import save_safetensors, write_bytes_atomic, write_json
 from ..finetune import FinetuneRun, finetune, forward_latency
-from ..core.methods import method as methods_registry
 from ..core.methods import METHODS, MethodSettings, check_method, method_state, training_memory
+from ..core.methods import method as method_entry
 from ..plots import new_figure, save_figure
 from ..io.pretrained import load_pretrained
 from ..tasks import accuracy, classifier_config, load_task
@@ -181,7 +181,7 @@ def compare_methods(methods=None, seeds=None, fast: bool = False, settings: Comp
         percent = 100.0 * trainable / base_model.num_parameters()
         checkpoint = _checkpoint_bytes(measured, method)
         # each ratio from the same rounds as the times: the base model took turns with the adapted one
-        merges = methods_registry(method).merges
+        merges = method_entry(method).merges
         latency = {b: t["merged"] for b, t in timings.items()}
         latency_ratio = {b: t["ratio"]["merged"][0] for b, t in timings.items()}
         unmerged = {b: t["unmerged"] for b, t in timings.items()} if merges else {}
