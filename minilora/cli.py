@@ -63,8 +63,8 @@ def _pretrain(args) -> int:
     from .core.model import GPT, GPTConfig
     from .io.pretrained import NAME, export_pretrained
 
-    corpus = data.load_corpus(args.corpus)
-    downstream = data.load_corpus(args.downstream) if args.downstream else None
+    corpus = data.load_corpus(args.corpus, args.text_source)
+    downstream = data.load_corpus(args.downstream, args.text_source) if args.downstream else None
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size,
                        dropout=args.dropout)
     model = GPT(config, seed=args.seed)
@@ -81,13 +81,14 @@ def _pretrain(args) -> int:
     val = train.evaluate(model, corpus.val)
     last = [loss for _, loss in result.train[-50:]]
     meta = {
-        "corpus": corpus.name, "seed": args.seed, "steps": tc.steps, "batch_size": tc.batch_size,
+        "corpus": corpus.name, "corpus_source": corpus.source, "corpus_sha256": corpus.sha256,
+        "seed": args.seed, "steps": tc.steps, "batch_size": tc.batch_size,
         "train_loss": sum(last) / len(last), "val_loss": val, "wall_seconds": wall,
         "tokens_per_second": result.tokens_per_second, "command": "minilora " + " ".join(sys.argv[1:]),
     }
     print(f"\n{corpus.name} validation: {val:.4f} nats/char = {val / math.log(2):.4f} bits/char")
     if downstream is not None:
-        meta["downstream_corpus"] = downstream.name
+        meta["downstream_corpus"], meta["downstream_corpus_sha256"] = downstream.name, downstream.sha256
         meta["downstream_val_loss"] = train.evaluate(model, downstream.val)
         print(f"{downstream.name} validation (unseen domain): {meta['downstream_val_loss']:.4f} nats/char = "
               f"{meta['downstream_val_loss'] / math.log(2):.4f} bits/char")
@@ -129,12 +130,30 @@ def _eval(args) -> int:
     from . import data, train
 
     model, source = _load_model(args.checkpoint)
-    corpus = data.load_corpus(args.corpus)
+    corpus = data.load_corpus(args.corpus, args.text_source)
     ids = corpus.val if args.split == "val" else corpus.train
     loss = train.evaluate(model, ids, batch_size=args.batch_size, max_batches=args.max_batches)
-    print(f"{source} on {corpus.name} ({args.split}, {len(ids):,} characters): "
-          f"loss {loss:.4f} nats/char, {loss / math.log(2):.4f} bits/char")
+    print(f"{source} on {corpus.name} ({args.split}, {len(ids):,} characters, {corpus.source} text "
+          f"sha256 {corpus.sha256[:12]}): loss {loss:.6f} nats/char, {loss / math.log(2):.6f} bits/char")
+    recorded = _recorded_val_loss(args, corpus) if args.split == "val" and args.max_batches is None else None
+    if recorded is not None:
+        print(f"recorded when the shipped model was exported: {recorded:.6f} nats/char "
+              f"(difference {loss - recorded:+.1e})")
     return 0
+
+
+def _recorded_val_loss(args, corpus):
+    """The validation loss the shipped model's metadata records for this corpus, when this evaluation is the
+    one that produced it (the shipped model, the whole validation split, the text it was measured on)."""
+    from .io.pretrained import pretrained_info
+
+    if args.checkpoint is not None:
+        return None
+    info = pretrained_info()
+    for prefix in ("", "downstream_"):
+        if info.get(f"{prefix}corpus") == corpus.name and info.get(f"{prefix}corpus_sha256") == corpus.sha256:
+            return info.get(f"{prefix}val_loss")
+    return None
 
 
 def _finetune(args) -> int:
@@ -151,7 +170,7 @@ def _finetune(args) -> int:
                                           weight_decay=0.1 if args.method == "full" else 0.0,
                                           eval_every=args.eval_every, seed=args.seed, quiet=args.quiet)
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
-    corpus = data.load_corpus(args.corpus)
+    corpus = data.load_corpus(args.corpus, args.text_source)
     print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({settings.lora})" if settings else ""))
     plan = {1: args.latency_repeats, 32: max(1, args.latency_repeats // 4)} if args.latency_repeats else 0
     run = finetune(model, args.method, corpus, tc, out_dir=args.out, seed=args.seed, settings=settings,
@@ -223,6 +242,7 @@ def _experiment(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .data import CORPORA
     parser = argparse.ArgumentParser(prog="minilora", description="LoRA from scratch on a hand-written tiny GPT-2.")
     parser.add_argument("--backend", choices=backend.BACKENDS, help="array backend (default: numpy, or $MINILORA_BACKEND)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,12 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     p = sub.add_parser("pretrain", help="pretrain a tiny GPT on a corpus",
-                       description="Pretrain a GPT on a corpus from Python's own installation; writes checkpoints "
+                       description="Pretrain a GPT on one of the shipped corpora; writes checkpoints "
                                    "and the weights-only model to --out.")
     p.add_argument("--out", default="runs/pretrain", help="output directory for checkpoints and the model")
-    p.add_argument("--corpus", default="pydoc", help="pretraining corpus (default: pydoc)")
-    p.add_argument("--downstream", default="python-email",
+    p.add_argument("--corpus", default="pydoc", choices=sorted(CORPORA), help="pretraining corpus (default: pydoc)")
+    p.add_argument("--downstream", default="python-email", choices=sorted(CORPORA) + [""],
                    help="a corpus pretraining does not see, evaluated at the end ('' to skip)")
+    _add_text_source(p)
     p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -285,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="loss and bits per character of a model on a corpus",
                        description="Evaluate a checkpoint (default: the shipped model) on a corpus split.")
     e.add_argument("--checkpoint", help="a checkpoint .safetensors (default: the shipped model)")
-    e.add_argument("--corpus", default="pydoc")
+    e.add_argument("--corpus", default="pydoc", choices=sorted(CORPORA))
+    _add_text_source(e)
     e.add_argument("--split", choices=("train", "val"), default="val")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
@@ -299,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--method", choices=SAVABLE_METHODS, default="lora",
                    help="the methods whose result can be saved (minilora compare runs every method)")
     f.add_argument("--checkpoint", help="start from this checkpoint (default: the shipped model)")
-    f.add_argument("--corpus", default="python-email")
+    f.add_argument("--corpus", default="python-email", choices=sorted(CORPORA))
+    _add_text_source(f)
     f.add_argument("--out", default="runs/finetune")
     f.add_argument("--steps", type=int, default=300)
     f.add_argument("--batch-size", type=int, default=16)
@@ -359,6 +382,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Build student versions of the assignments (solutions cut out) and grade them.")
     add_assignment_commands(a.add_subparsers(dest="assignment_command", required=True))
     return parser
+
+
+def _add_text_source(parser) -> None:
+    from .data import SOURCES
+
+    parser.add_argument("--text-source", choices=SOURCES, default="snapshot",
+                        help="snapshot: the corpus text shipped with minilora, the same on every Python (default); "
+                             "python: the running Python's own copy, for exploration (figures then differ a little "
+                             "between Python builds)")
 
 
 def main(argv=None) -> int:

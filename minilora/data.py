@@ -1,82 +1,111 @@
-"""Corpora from what Python itself installs (nothing is downloaded), batching, and toy tasks.
+"""Corpora and texts, batching, and toy tasks. Nothing is downloaded: every text ships inside the package.
 
     "pydoc"         pretraining: the English prose of Python's own help topics (pydoc_data.topics, some hundreds
                     of thousands of characters)
     "python-email"  downstream domain: the Python source of the standard library's email package (of a similar
                     size), code that pretraining never saw
 
-Each corpus is split deterministically: the first 90% of the text trains, the last 10% validates. The texts
-come from the running Python, so they can differ a little between Python versions.
+The texts are frozen snapshots taken from one CPython build (``minilora/corpora/``: gzip files, a manifest with
+each text's sha256 and provenance, and the PSF license that covers them), so every Python and every OS gives the
+same tokens and the same figures. Each text's sha256 is checked whenever it is read. ``source="python"`` reads the
+running Python's own copy instead, for exploration; it can differ a little between Python builds (and slim or
+Debian Pythons have no tkinter sources). ``tools/build_corpus_snapshots.py`` rebuilds the snapshots.
+
+Each corpus is split deterministically: the first 90% of the text trains, the last 10% validates.
 """
 from __future__ import annotations
 
-import os
-import sysconfig
+import gzip
+import json
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy
 
 from .core import backend
+from .stdlib_texts import TEXTS, read_python_text, sha256_text
 from .tokenizer import encode
 
 VAL_FRACTION = 0.1
+SNAPSHOT_DIR = Path(__file__).resolve().parent / "corpora"     # package data
+MANIFEST = "manifest.json"
+SOURCES = ("snapshot", "python")
 
-
-def _pydoc_text() -> str:
-    import pydoc_data.topics
-
-    topics = pydoc_data.topics.topics
-    return "".join(topics[k] for k in sorted(topics))
-
-
-def stdlib_package_dir(package: str) -> str:
-    """Where the running Python keeps a standard-library package's sources (which may be missing: slim or
-    Debian Pythons leave out tkinter, for one)."""
-    return os.path.join(sysconfig.get_paths()["stdlib"], package)
-
-
-def _stdlib_package_text(package: str) -> str:
-    root = stdlib_package_dir(package)
-    if not os.path.isdir(root):
-        raise ValueError(f"the standard library's {package!r} package sources are not installed at {root}")
-    parts = []
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(files):
-            if name.endswith(".py"):
-                with open(os.path.join(directory, name), encoding="utf-8") as f:
-                    parts.append(f.read())
-    if not parts:
-        raise ValueError(f"no .py sources found under {root} (a Python installed without its sources?)")
-    return "\n".join(parts)
-
-
-CORPORA = {
-    "pydoc": ("English prose: Python's help topics (pydoc_data.topics)", _pydoc_text),
-    "python-email": ("Python source code: the standard library's email package", lambda: _stdlib_package_text("email")),
+CORPORA = {     # corpus name -> (description, the text it is made of)
+    "pydoc": ("English prose: Python's help topics (pydoc_data.topics)", "pydoc"),
+    "python-email": ("Python source code: the standard library's email package", "email"),
 }
+
+
+def snapshot_manifest(directory=None) -> dict:
+    """The snapshots' manifest: for each text its file, sha256, length and provenance (Python build, files)."""
+    path = Path(directory or SNAPSHOT_DIR) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the corpus snapshot manifest {path} is missing: reinstall minilora, or rebuild "
+                                "it with `python tools/build_corpus_snapshots.py`") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"the corpus snapshot manifest {path} is damaged ({e}); reinstall minilora") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("texts"), dict):
+        raise ValueError(f"the corpus snapshot manifest {path} has no 'texts' table; reinstall minilora")
+    return manifest
+
+
+def read_text(name: str, source: str = "snapshot") -> str:
+    """One text by name (see stdlib_texts.TEXTS): the shipped snapshot, its sha256 verified (default), or with
+    source="python" the running Python's own copy."""
+    if name not in TEXTS:
+        raise ValueError(f"unknown text {name!r}; expected one of {sorted(TEXTS)}")
+    if source not in SOURCES:
+        raise ValueError(f"unknown text source {source!r}; expected one of {SOURCES}")
+    if source == "python":
+        return read_python_text(name)[0]
+    directory = Path(SNAPSHOT_DIR)
+    entry = snapshot_manifest(directory)["texts"].get(name)
+    if not isinstance(entry, dict) or not {"file", "sha256"} <= set(entry):
+        raise ValueError(f"the corpus snapshot manifest {directory / MANIFEST} has no valid entry for {name!r}; "
+                         "reinstall minilora")
+    path = directory / entry["file"]
+    try:
+        text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"the corpus snapshot {path} is missing: reinstall minilora") from None
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
+        raise ValueError(f"the corpus snapshot {path} is damaged ({e}); reinstall minilora") from None
+    actual = sha256_text(text)
+    if actual != entry["sha256"]:
+        raise ValueError(f"the corpus snapshot {path} holds a text with sha256 {actual}, but {MANIFEST} records "
+                         f"{entry['sha256']}: the file was damaged or edited; reinstall minilora")
+    return text
 
 
 @dataclass
 class Corpus:
-    """A tokenized corpus. train, val: uint8 NumPy arrays of token ids (on the host)."""
+    """A tokenized corpus. train, val: uint8 NumPy arrays of token ids (on the host); sha256: the text's."""
 
     name: str
     description: str
     text: str
     train: numpy.ndarray
     val: numpy.ndarray
+    source: str = "snapshot"
+    sha256: str = ""
 
 
-def load_corpus(name: str) -> Corpus:
-    """Load and tokenize a corpus by name (see CORPORA), split 90% train / 10% validation."""
+def load_corpus(name: str, source: str = "snapshot") -> Corpus:
+    """Load and tokenize a corpus by name (see CORPORA), split 90% train / 10% validation.
+
+    source: "snapshot" (the shipped text, the same on every Python) or "python" (the running Python's copy).
+    """
     if name not in CORPORA:
         raise ValueError(f"unknown corpus {name!r}; expected one of {sorted(CORPORA)}")
-    description, read = CORPORA[name]
-    text = read()
+    description, text_name = CORPORA[name]
+    text = read_text(text_name, source)
     ids = encode(text)
     cut = int(len(ids) * (1 - VAL_FRACTION))
-    return Corpus(name, description, text, ids[:cut], ids[cut:])
+    return Corpus(name, description, text, ids[:cut], ids[cut:], source, sha256_text(text))
 
 
 def get_batch(ids, batch_size: int, block_size: int, rng):

@@ -1,4 +1,5 @@
-"""A classification task built offline from what Python installs, solved by a language model with label tokens.
+"""A classification task built offline from the shipped texts (see data.read_text), solved by a language model
+with label tokens.
 
     "prose-or-package" is a snippet English prose (Python's help topics), or Python source from the standard
                        library's email, tkinter or asyncio package? 4 classes; the default task
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy
 
 from .core import backend
-from .data import VAL_FRACTION, _pydoc_text, _stdlib_package_text
+from .data import VAL_FRACTION, read_text
 from .tokenizer import encode
 from .train import TrainConfig, fit
 
@@ -50,8 +51,12 @@ class ClassificationTask:
     val_y: numpy.ndarray
 
 
-def load_task(name: str = "prose-or-package", length: int = 63, val_per_class: int = 64) -> ClassificationTask:
-    """Build a task (see TASKS); snippets have ``length`` tokens, validation has val_per_class per class."""
+def load_task(name: str = "prose-or-package", length: int = 63, val_per_class: int = 64,
+              source: str = "snapshot") -> ClassificationTask:
+    """Build a task (see TASKS); snippets have ``length`` tokens, validation has val_per_class per class.
+
+    source: "snapshot" (the shipped texts, the same on every Python) or "python" (the running Python's copies).
+    """
     if name not in TASKS:
         raise ValueError(f"unknown classification task {name!r}; expected one of {sorted(TASKS)}")
     if isinstance(length, bool) or not isinstance(length, int) or length < 1:
@@ -60,8 +65,8 @@ def load_task(name: str = "prose-or-package", length: int = 63, val_per_class: i
         raise ValueError(f"val_per_class must be an int >= 1; got {val_per_class!r}")
     classes = TASKS[name]
     train, val_x, val_y = [], [], []
-    for k, package in enumerate(classes):
-        ids = encode(_pydoc_text() if package == "pydoc" else _stdlib_package_text(package))
+    for k, text_name in enumerate(classes):
+        ids = encode(read_text(text_name, source))
         cut = int(len(ids) * (1 - VAL_FRACTION))
         train.append(ids[:cut])
         val = ids[cut:]

@@ -1,14 +1,11 @@
 """The fine-tuning methods other than LoRA (adapters, prefix, prompt, BitFit) and their combinations:
 gradient checks, starting points, freezing, errors, memory and checkpoints, the classification task and the
 comparison. (Each method against PyTorch autograd: test_methods_torch.py.)"""
-import os
-
 import numpy as np
 import pytest
 
 import minilora as ml
 from minilora import gradcheck as gc
-from minilora.data import stdlib_package_dir
 from minilora.adapters import AdapterConfig, adapter_modules, adapter_parameter_count, apply_adapters
 from minilora.lora import LoRAConfig, apply_lora, lora_modules
 from minilora.methods import METHODS, MethodSettings, apply_method, for_inference, method_state, training_memory
@@ -27,12 +24,6 @@ CFG = dict(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=8)
 SMALL = MethodSettings(lora=LoRAConfig(r=2, alpha=4.0), adapters=AdapterConfig(bottleneck=3),
                        prefix=PrefixConfig(length=3), prefix_mlp=PrefixConfig(length=3, reparameterize=True, hidden=5),
                        prompt=PromptConfig(length=3))
-
-# The default classification task reads tkinter's sources; some Python installs (Debian's python3 without
-# python3-tk, slim images) leave the package out.
-needs_tkinter = pytest.mark.skipif(
-    not os.path.isdir(stdlib_package_dir("tkinter")),
-    reason="this Python has no tkinter sources, which the default classification task reads")
 
 
 def small_model(dtype="float64", seed=0):
@@ -265,7 +256,6 @@ def test_training_memory_and_checkpoint_contents():
 # the classification task
 
 
-@needs_tkinter
 def test_classification_task_is_balanced_and_labelled_with_label_tokens():
     task = load_task(length=31, val_per_class=5)
     assert task.classes == ("pydoc", "email", "tkinter", "asyncio")
@@ -281,7 +271,6 @@ def test_classification_task_is_balanced_and_labelled_with_label_tokens():
         load_task("sentiment")
 
 
-@needs_tkinter
 def test_a_classifier_trains_and_is_scored():
     task = load_task(length=15, val_per_class=3)
     model = apply_method(ml.GPT(ml.GPTConfig(block_size=32, n_layer=1, n_embd=16, n_head=2), seed=0), "lora",
@@ -291,7 +280,6 @@ def test_a_classifier_trains_and_is_scored():
     assert 0.0 <= accuracy(model, task) <= 1.0
 
 
-@needs_tkinter
 def test_classifier_training_is_the_training_loop_with_the_tasks_batches(monkeypatch):
     from minilora import tasks, train
 
@@ -323,7 +311,6 @@ def test_classifier_training_is_the_training_loop_with_the_tasks_batches(monkeyp
     assert all(p.grad is None for p in model.parameters())
 
 
-@needs_tkinter
 def test_the_fine_tune_recipe_on_a_classification_task():
     from minilora import finetune, tasks
 
@@ -350,7 +337,6 @@ def test_the_comparison_has_learning_rates_for_exactly_the_registered_methods():
     assert tuple(compare.LEARNING_RATES) == METHODS and compare.CompareSettings().methods == METHODS
 
 
-@needs_tkinter
 def test_compare_fine_tunes_through_the_one_recipe(monkeypatch):
     from minilora import finetune
     from minilora.experiments import compare, compare_methods
@@ -368,7 +354,6 @@ def test_compare_fine_tunes_through_the_one_recipe(monkeypatch):
     assert row.latency_ratio["1"] > 0 and not row.latency_unmerged_ms
 
 
-@needs_tkinter
 def test_compare_runs_end_to_end_in_fast_mode(tmp_path):
     import csv
     import json
@@ -393,7 +378,6 @@ def test_compare_runs_end_to_end_in_fast_mode(tmp_path):
     assert json.loads(paths[1].read_text())["rows"][0]["method"] == "lora"
 
 
-@needs_tkinter
 def test_compare_command_and_bad_method(tmp_path, capsys):
     from minilora.cli import main
     from minilora.experiments import compare_methods

@@ -1,10 +1,11 @@
 """The pretrained tiny GPT shipped inside the package."""
 import math
+import re
 
 import pytest
 
 import minilora as ml
-from minilora import data, pretrained, train
+from minilora import cli, data, pretrained, train
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +31,27 @@ def test_sha256_matches_the_metadata(info):
     assert pretrained.sha256_file(path) == info["sha256"]
 
 
-def test_validation_loss_matches_the_recorded_value(info, model):
-    val = train.evaluate(model, data.load_corpus("pydoc").val)
-    # same code and data: the recorded value comes back up to float32 summation-order noise
-    assert val == pytest.approx(info["val_loss"], abs=0.02)
-    assert info["val_bits_per_char"] == pytest.approx(info["val_loss"] / math.log(2))
+def test_the_shipped_model_was_measured_on_the_shipped_snapshots(info):
+    assert info["corpus_sha256"] == data.load_corpus(info["corpus"]).sha256
+    assert info["downstream_corpus_sha256"] == data.load_corpus(info["downstream_corpus"]).sha256
+
+
+@pytest.mark.parametrize("prefix", ["", "downstream_"])
+def test_validation_loss_matches_the_recorded_value(info, model, prefix):
+    val = train.evaluate(model, data.load_corpus(info[f"{prefix}corpus"]).val)
+    # the same weights, text and code: only float32 summation order (BLAS kernel, batch split) can move it
+    assert val == pytest.approx(info[f"{prefix}val_loss"], abs=1e-6)
+    assert info[f"{prefix}val_bits_per_char"] == pytest.approx(info[f"{prefix}val_loss"] / math.log(2))
+
+
+@pytest.mark.parametrize("corpus_key", ["corpus", "downstream_corpus"])
+def test_minilora_eval_reproduces_the_recorded_loss(info, corpus_key, capsys):
+    assert cli.main(["eval", "--corpus", info[corpus_key]]) == 0
+    out = capsys.readouterr().out
+    loss = float(re.search(r"loss (\S+) nats/char", out).group(1))
+    difference = float(re.search(r"\(difference (\S+)\)", out).group(1))
+    recorded = info["val_loss" if corpus_key == "corpus" else "downstream_val_loss"]
+    assert abs(difference) <= 1e-6 and loss == pytest.approx(recorded, abs=1e-6)
 
 
 def test_the_downstream_domain_is_clearly_worse(info, model):
