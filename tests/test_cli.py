@@ -45,5 +45,7 @@ def test_resume_through_the_cli(tmp_path, capsys):
 def test_errors_are_reported_not_raised(tmp_path, capsys):
     assert cli.main(["eval", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
-    assert cli.main(["pretrain", "--out", str(tmp_path), "--corpus", "nope", "--quiet"]) == 2
-    assert "unknown corpus" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:       # refused by the parser, before any work
+        cli.main(["pretrain", "--out", str(tmp_path), "--corpus", "nope", "--quiet"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
