@@ -71,7 +71,7 @@ BUGS = [
     ("layers", "gelu_backward", "0.5 * x * dt_dx", "x * dt_dx"),
     ("layers", "attention_backward", "dqh = (dscores @ kh) * scale", "dqh = dscores @ kh"),
     ("layers", "softmax_cross_entropy", "keep[:, None] / n_counted", "keep[:, None] / rows.shape[0]"),
-    ("lora_layer", "lora_forward", "h = xd.reshape(-1, x.shape[-1]) @ A.T", "h = x.reshape(-1, x.shape[-1]) @ A.T"),
+    ("lora_layer", "lora_forward", "y = y + update.reshape(y.shape)", "y = y + 2 * update.reshape(y.shape)"),
     ("lora_layer", "lora_backward", "dx = dx + dropout_backward(dxd, drop_cache)", "dx = dx + dxd"),
     ("lora_layer", "merge", "return W + scale * (B @ A).T", "return W + scale * (A.T @ B.T).T"),
     ("lora_layer", "unmerge", "return W_merged - scale * (B @ A).T",
@@ -102,13 +102,15 @@ def test_layer_pairs_are_graded_on_the_gradient_check_cases():
              "lora_backward": "lora"}
     items = {item.function: item for name in ASSIGNMENTS for item in ITEMS[name]}
     for function, pair in pairs.items():
-        assert [name for name, _ in items[function].cases()] == [c.name for c in gradcheck.cases_of(pair)], function
+        assert items[function].case_names() == [c.name for c in gradcheck.cases_of(pair)], function
 
 
 def test_feedback_names_the_wrong_gradient_and_by_how_much(tmp_path):
     report = grade("layers", planted(tmp_path, "layers", "dW = x2.T @ dy2", "dW = 1.5 * (x2.T @ dy2)"))
     feedback = report.item("linear_backward").feedback
-    assert feedback.startswith("dW wrong: rel. error 2.0e-01 > 1e-07") and "correct: dx, db" in feedback
+    assert feedback.startswith("dW wrong: rel. error 2.0e-01 > 1e-07") and "first differing index (0, 0)" in feedback
+    assert "gradients against centred differences of your linear_forward wrong" in feedback
+    assert feedback.endswith("correct: linear_forward output, dx, db")
     shape_bug = grade("lora_layer", planted(tmp_path, "lora_layer", "return W + scale * (B @ A).T",
                                             "return (W + scale * (B @ A).T).T"))
     assert "has shape" in shape_bug.item("merge").feedback
@@ -117,8 +119,29 @@ def test_feedback_names_the_wrong_gradient_and_by_how_much(tmp_path):
     assert "modified its input W_merged" in in_place.item("unmerge").feedback
 
 
+def test_a_backward_is_graded_on_the_students_own_forward(tmp_path):
+    """The pair is graded as CS231n does: a forward whose cache is wrong (the down-projection without dropout)
+    costs the backward that reads it too; a forward that only gets y wrong costs only itself."""
+    report = grade("lora_layer", planted(tmp_path, "lora_layer", "h = xd.reshape(-1, x.shape[-1]) @ A.T",
+                                         "h = x.reshape(-1, x.shape[-1]) @ A.T"))
+    assert [i.name for i in report.items if not i.passed] == ["lora_forward", "lora_backward"]
+    assert "dB wrong" in report.item("lora_backward").feedback
+    # any cache layout works: a forward that caches (x, W, b, A, B, scale, mask) with a backward to match
+    text = source_path("lora_layer").read_text()
+    own = text.replace("return y, (base_cache, xd, drop_cache, h, A, B, scale)",
+                       "return y, {'inputs': (x, W, b, A, B), 'scale': scale, 'xd': xd, 'drop': drop_cache}")
+    own = own.replace("    base_cache, xd, drop_cache, h, A, B, scale = cache\n",
+                      "    x, W, b, A, B = cache['inputs']\n    scale, xd, drop_cache = cache['scale'], cache['xd'], "
+                      "cache['drop']\n    base_cache = (x, W, b is not None)\n"
+                      "    h = xd.reshape(-1, xd.shape[-1]) @ A.T\n")
+    assert "{'inputs'" in own and "cache['inputs']" in own
+    (tmp_path / "own.py").write_text(own)
+    assert grade("lora_layer", tmp_path / "own.py").earned == 10
+
+
 def test_a_function_calling_another_does_not_inherit_its_bug(tmp_path):
-    """unmerge written with merge, and merge wrong: only merge loses points (the grader lends minilora's merge)."""
+    """unmerge written with merge, and merge wrong: only merge loses points (unmerge is graded with a stand-in
+    merge)."""
     path = planted(tmp_path, "lora_layer", "return W_merged - scale * (B @ A).T", "return merge(W_merged, A, B, -scale)")
     path.write_text(path.read_text().replace("return W + scale * (B @ A).T", "return W + (B @ A).T"))
     report = grade("lora_layer", path)
@@ -136,7 +159,7 @@ def test_any_exception_or_broken_file_scores_zero_without_crashing(tmp_path):
     broken = tmp_path / "broken.py"
     broken.write_text("def fwht(x):\n    return x +\n")
     report = grade("subspace", broken)
-    assert report.earned == 0 and all("does not import: SyntaxError" in i.feedback for i in report.items)
+    assert report.earned == 0 and all("does not compile: invalid syntax (line 2)" in i.feedback for i in report.items)
     renamed = tmp_path / "layers_solution.txt"          # any file name will do
     renamed.write_text(source_path("layers").read_text())
     assert grade("layers", renamed).earned == 15
@@ -220,8 +243,9 @@ def test_strip_solutions_markers_placeholders_and_errors(tmp_path):
 
 
 def test_the_given_code_matches_minilora():
-    """The grader hands student backwards minilora's caches: the forwards given in 'layers' must build the same
-    ones, and make_fastfood must draw what FastfoodProjection draws."""
+    """The given code computes what minilora's reference computes: the forwards of 'layers' and the linear and
+    dropout layers of 'lora_layer' (the same dropout masks from the same seed), and make_fastfood draws what
+    FastfoodProjection draws."""
     import importlib.util
 
     def load(name):
@@ -247,6 +271,14 @@ def test_the_given_code_matches_minilora():
     targets[0, 0] = -100
     ours, ref = layers.softmax_cross_entropy(logits, targets, -100), F.softmax_cross_entropy(logits, targets, -100)
     assert abs(ours[0] - ref[0]) < 1e-14 and gradcheck.rel_error(ours[1], ref[1]) < 1e-14
+    lora_layer = load("lora_layer")
+    given = [(lora_layer.linear_forward(x, W, b), F.linear_forward(x, W, b)),
+             (lora_layer.dropout_forward(x, 0.3, np.random.default_rng(2)), F.dropout_forward(x, 0.3, np.random.default_rng(2)))]
+    for (out, cache), (ref_out, ref_cache) in given:
+        assert np.array_equal(out, ref_out) and len(cache) == len(ref_cache)
+    dy = rng.standard_normal((2, 3, 5))
+    for ours, ref in zip(lora_layer.linear_backward(dy, given[0][0][1]), F.linear_backward(dy, given[0][1][1])):
+        assert gradcheck.rel_error(ours, ref) < 1e-14
     ff, ref = subspace.make_fastfood(37, 5, seed=3), intrinsic.FastfoodProjection(37, 5, seed=3)
     for field in ("D", "d", "n", "m", "B", "G", "scale", "perm", "inverse_perm"):
         assert np.array_equal(getattr(ff, field), getattr(ref, field)), field

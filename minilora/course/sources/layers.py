@@ -6,9 +6,10 @@ Every layer is a pair of functions (CS231n's ``layers.py``, llm.c):
     grads...   = <layer>_backward(dout, cache)     yours: every place that raises NotImplementedError
 
 A backward receives dout = dL/dout for some scalar loss L and returns dL/d(each input), each of its input's
-shape. Work in NumPy; no loops over the batch are needed. The caches are exactly those of
-``minilora.functional``, so the grader feeds your backward the cache of minilora's own forward: a bug in one
-function costs only that function's points.
+shape. Work in NumPy, in float64; no loops over the batch are needed. The grader calls each forward here and
+then your backward on that forward's cache (so you may change what a cache holds, as long as the forward's output
+stays right), compares both with minilora's reference, and checks your pair against centred differences. Your
+code must be your own: a file that imports minilora scores zero.
 
 Graded items (one function each): linear_backward, layernorm_backward, gelu_backward, attention_backward and the
 gradient part of softmax_cross_entropy. Grade yourself with
@@ -236,6 +237,6 @@ def softmax_cross_entropy(logits, targets, ignore_index=None):
 
 
 if __name__ == "__main__":
-    from minilora.assignments import format_report, grade
+    from minilora.course import format_report, grade
 
     print(format_report(grade("layers", __file__)))

@@ -8,9 +8,9 @@ A frozen linear layer y = x W + b gets a trainable low-rank update:
 A and B are in PEFT's layout (A maps in -> r, B maps r -> out), so that the update to W, in W's own (in, out)
 layout, is s (B A)^T. Merging adds it to W once, after which the layer costs exactly what the base layer costs.
 
-The linear and dropout layers come from minilora.functional (the "layers" assignment has you write their backwards).
-Your cache must be the tuple described in lora_forward's docstring: the grader feeds your lora_backward the cache
-of minilora's own forward, and feeds your forward's cache to minilora's backward.
+The linear and dropout layers are given below (the "layers" assignment has you write a linear backward). The
+grader calls your lora_forward and then your lora_backward on your own cache, so the cache may hold whatever
+your backward needs; the docstring's tuple is a suggestion that works.
 
 Graded items (one function each): lora_forward, lora_backward, merge, unmerge. Grade yourself with
 
@@ -18,12 +18,46 @@ Graded items (one function each): lora_forward, lora_backward, merge, unmerge. G
 
 Shapes: N rows (all leading axes of x flattened), in / out the layer's sizes, r the rank.
 """
-from minilora.functional import (
-    dropout_backward,
-    dropout_forward,
-    linear_backward,
-    linear_forward,
-)
+import numpy as np
+
+# ----------------------------------------------------------------------------------------------------
+# given: the frozen linear layer and dropout
+
+
+def linear_forward(x, W, b=None):
+    """y = x @ W + b. x: (..., in); W: (in, out); b: (out,) or None. Returns y and the cache (x, W, has_bias)."""
+    y = x.reshape(-1, x.shape[-1]) @ W                     # (N, out)
+    if b is not None:
+        y = y + b
+    return y.reshape(*x.shape[:-1], W.shape[1]), (x, W, b is not None)
+
+
+def linear_backward(dy, cache, weight_grad=True, bias_grad=True):
+    """dx: (..., in), dW: (in, out) or None when not weight_grad, db: (out,) or None (not bias_grad, no bias)."""
+    x, W, has_bias = cache
+    dy2 = dy.reshape(-1, dy.shape[-1])                     # (N, out)
+    dx = (dy2 @ W.T).reshape(x.shape)
+    dW = x.reshape(-1, x.shape[-1]).T @ dy2 if weight_grad else None
+    db = dy2.sum(axis=0) if has_bias and bias_grad else None
+    return dx, dW, db
+
+
+def dropout_forward(x, p, rng=None):
+    """Zero each element with probability p and scale the rest by 1 / (1 - p); rng: a seeded generator.
+    Returns out and the cache: the scaled keep-mask, or None when p == 0 (then out is x)."""
+    if p == 0.0:
+        return x, None
+    mask = (rng.random(x.shape, dtype=x.dtype) >= p).astype(x.dtype) * (1.0 / (1.0 - p))
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    """dx = dout * scaled mask (dout itself when there was no dropout)."""
+    return dout if cache is None else dout * cache
+
+
+# ----------------------------------------------------------------------------------------------------
+# yours: the LoRA layer
 
 
 def lora_forward(x, W, b, A, B, scale, dropout_p=0.0, rng=None):
@@ -86,6 +120,6 @@ def unmerge(W_merged, A, B, scale):
 
 
 if __name__ == "__main__":
-    from minilora.assignments import format_report, grade
+    from minilora.course import format_report, grade
 
     print(format_report(grade("lora_layer", __file__)))

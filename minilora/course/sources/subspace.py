@@ -143,6 +143,6 @@ def subspace_loss_and_grad(ff, theta0, theta_d, X, y):
 
 
 if __name__ == "__main__":
-    from minilora.assignments import format_report, grade
+    from minilora.course import format_report, grade
 
     print(format_report(grade("subspace", __file__)))
