@@ -2,7 +2,7 @@
 
     from minilora.course import build_student, grade, format_report
     build_student("all", "student/")                 # solutions cut out; each function raises NotImplementedError
-    report = grade("layers", "student/layers.py")    # every graded function against minilora's, float64
+    report = grade("layers", "student/layers.py")    # each item in a child process, against minilora's reference
     print(format_report(report))                     # item, points, pass/FAIL, feedback; total
 
 Assignments (one graded item per function):
@@ -10,8 +10,9 @@ Assignments (one graded item per function):
     lora_layer  lora_forward, lora_backward, merge, unmerge
     subspace    fwht, fastfood_project, fastfood_transpose, subspace_loss_and_grad
 
-From the shell: ``python -m minilora.course build all --out student/`` and
-``python -m minilora.course grade layers student/layers.py [--json report.json]``.
+From the shell: ``python -m minilora.course build all --out student/`` (``--gradescope-zip FILE.zip`` for
+Gradescope's autograder bundle) and ``python -m minilora.course grade layers student/layers.py`` (a .py or .ipynb
+file; ``--json report.json``, ``--gradescope results.json``, ``--timeout``, ``--memory-mb``).
 """
 from .build import ASSIGNMENTS, build_student, source_path, strip_solutions
 from .grade import GradeReport, ItemResult, format_report, grade

@@ -11,8 +11,8 @@ Fastfood (Le, Sarlos and Smola 2013) makes P from m stacked n x n blocks, n = 2^
     V_b = scale_b H G_b Pi_b H B_b        H: the n x n Walsh-Hadamard matrix; B_b: a diagonal of random signs;
                                           Pi_b: a random permutation; G_b: a Gaussian diagonal
 
-so P theta_d costs O(D log n) time and O(D) memory. The definitions are minilora.intrinsic's, and the grader
-uses minilora.intrinsic.FastfoodProjection objects, which have the fields of Fastfood below.
+so P theta_d costs O(D log n) time and O(D) memory. The definitions are minilora.intrinsic's; the grader
+passes your functions objects with the fields of Fastfood below, drawn as make_fastfood draws them.
 
 Graded items (one function each): fwht, fastfood_project, fastfood_transpose, subspace_loss_and_grad.
 Grade yourself with
