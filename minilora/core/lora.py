@@ -125,6 +125,12 @@ class LoRALinear(Linear):
         """The update the adapter adds to W, in W's (in, out) layout: scale * (B A)^T = scale * A^T B^T."""
         return (self.lora_A.data.T @ self.lora_B.data.T) * self.scale
 
+    def load_refusal(self):
+        if self.merged:
+            return ("is a merged LoRA layer: its W holds the update, which new weights would silently replace or "
+                    "double; unmerge_lora(model) first")
+        return None
+
     def forward(self, x):
         """x: (..., in) -> (..., out)."""
         if self.merged or self.disabled:          # merged: W already holds the update; disabled: base output

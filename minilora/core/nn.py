@@ -114,10 +114,19 @@ class Module:
         """{dotted name: array} of every parameter (the arrays themselves, not copies)."""
         return {name: p.data for name, p in self.named_parameters()}
 
+    def load_refusal(self) -> str | None:
+        """Why this module cannot take new weights now (None: it can); a merged LoRA layer says so."""
+        return None
+
     def load_state_dict(self, state: dict) -> None:
-        """Copy arrays into the parameters. Every name and shape is checked before anything changes."""
+        """Copy arrays into the parameters. Every name, shape and value (finite) is checked, and every module asked
+        (load_refusal), before anything changes."""
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict of name -> array; got {type(state).__name__}")
+        for name, module in self.named_modules():
+            reason = module.load_refusal()
+            if reason is not None:
+                raise ValueError(f"cannot load a state dict: {name or 'the model'} {reason}")
         params = dict(self.named_parameters())
         missing = sorted(set(params) - set(state))
         unexpected = sorted(set(state) - set(params))
@@ -129,6 +138,8 @@ class Module:
                 raise TypeError(f"state[{name!r}] must be an array; got {type(value).__name__}")
             if tuple(value.shape) != tuple(p.shape):
                 raise ValueError(f"state[{name!r}] has shape {tuple(value.shape)}; the model expects {tuple(p.shape)}")
+            if not bool(backend.get_array_module(value).isfinite(value).all()):
+                raise ValueError(f"state[{name!r}] holds NaN or inf; the model was left unchanged")
         for name, p in params.items():
             p.data[...] = backend.asarray(state[name], dtype=p.data.dtype)
 

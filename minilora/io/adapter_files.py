@@ -1,8 +1,15 @@
 """LoRA adapter files: ``adapter.safetensors`` (every lora_A / lora_B, and the biases that train) and
-``adapter_config.json`` (the LoRAConfig, the adapted modules, the base model's config): kilobytes, not the
-megabytes of the whole model."""
+``adapter_config.json``: kilobytes, not the megabytes of the whole model.
+
+The weights file is the unit: its header holds the configuration (the LoRAConfig, the adapted modules and their
+ranks, the base model's config, and the base fingerprint: a sha256 of the frozen weights the adapter was trained
+on) under the file's integrity record, and it is written atomically. ``adapter_config.json`` is a readable copy,
+written first; loading refuses a folder whose copy disagrees with the weights file (an edit, or a save that was
+interrupted between the two files), naming both, so a configuration is never silently ignored.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -11,6 +18,25 @@ from ..core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, apply_lora,
 from ..core.nn import Module
 from .files import load_safetensors, read_json, save_safetensors, write_json
 
+
+def base_fingerprint(model: Module, modules=None) -> str:
+    """sha256 of the frozen base weights an adapter adapts: the weight W of each adapted linear module, in name
+    order (unmerged: a merged layer's W before the merge). modules: the names (None: the model's LoRA layers)."""
+    lora_layers = dict(lora_modules(model))
+    linears = {name: linear for name, _, _, linear in linear_modules(model)}
+    digest = hashlib.sha256()
+    for name in sorted(modules if modules is not None else lora_layers):
+        if name in lora_layers:
+            layer = lora_layers[name]
+            weight = layer.__dict__.get("_weight_before_merge") if layer.merged else layer.weight.data
+        elif name in linears:
+            weight = linears[name].weight.data
+        else:
+            raise ValueError(f"the model has no linear module {name!r}")
+        array = backend.to_numpy(weight)
+        digest.update(json.dumps([name, list(array.shape)]).encode())
+        digest.update(array.astype("float32").tobytes())      # the same base in float32 or float64
+    return digest.hexdigest()
 
 
 def adapter_state(model: Module) -> dict:
@@ -34,36 +60,63 @@ def adapter_state(model: Module) -> dict:
 
 
 def save_lora(model: Module, directory) -> Path:
-    """Write the adapter only: ``adapter.safetensors`` + ``adapter_config.json`` (kilobytes, not megabytes)."""
+    """Write the adapter only: ``adapter.safetensors`` (weights, with the configuration sealed in its header)
+    and ``adapter_config.json`` (a readable copy): kilobytes, not megabytes."""
     directory = Path(directory)
     state = adapter_state(model)
     config = getattr(model, "lora_config", LoRAConfig())
     meta = {"lora_config": config.to_dict(), "modules": [name for name, _ in lora_modules(model)],
-            "ranks": {name: m.r for name, m in lora_modules(model)}}
+            "ranks": {name: m.r for name, m in lora_modules(model)},
+            "base_fingerprint": base_fingerprint(model)}
     if hasattr(model, "config"):
         meta["base_model_config"] = model.config.to_dict()
-    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt", "minilora": json.dumps(meta)})
     write_json(directory / ADAPTER_CONFIG, meta)
+    save_safetensors(state, directory / ADAPTER_WEIGHTS, metadata={"format": "pt", "minilora": json.dumps(meta)})
     return directory
 
 
-def load_lora(model: Module, directory, seed: int = 0) -> Module:
-    """Apply the saved adapter to ``model`` (a base model, or one with matching LoRA layers) and load it.
+def read_lora(directory) -> tuple[dict, dict]:
+    """(tensors, configuration) of a saved adapter, every file verified: the weights file's integrity record,
+    no NaN or inf, and the readable adapter_config.json equal to the configuration sealed in the weights."""
+    directory = Path(directory)
+    tensors, header = load_safetensors(directory / ADAPTER_WEIGHTS, sealed=True)
+    try:
+        meta = json.loads(header["minilora"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS} holds no adapter configuration ({exc})") from None
+    copy_path = directory / ADAPTER_CONFIG
+    if copy_path.exists():
+        copy = read_json(copy_path)
+        if copy != meta:
+            differing = sorted(k for k in set(copy) | set(meta) if copy.get(k) != meta.get(k))
+            raise ValueError(f"{copy_path} does not match the configuration sealed in {directory / ADAPTER_WEIGHTS} "
+                             f"(differing: {differing}): it was edited, or a save was interrupted between the two "
+                             "files; save the adapter again (or delete the copy to load what the weights file holds)")
+    return tensors, meta
 
-    Checks that it fits (module names, shapes, ranks) before changing anything, and says what does not.
+
+def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> Module:
+    """Apply the saved adapter to ``model`` (a base model, or one with matching, unmerged LoRA layers) and load it.
+
+    Everything is checked before the model changes (files, configuration, module names, shapes, ranks, the base
+    model's config and fingerprint), and a failure leaves the model exactly as it was. force=True loads onto a
+    base whose weights differ from the one the adapter was trained on (the fingerprint), which is refused
+    otherwise: the adapter's update was learnt for those weights.
     """
     directory = Path(directory)
-    meta = read_json(directory / ADAPTER_CONFIG)
-    tensors, _ = load_safetensors(directory / ADAPTER_WEIGHTS)
+    tensors, meta = read_lora(directory)
     try:
         config = LoRAConfig(**{**meta["lora_config"], "targets": tuple(meta["lora_config"]["targets"])})
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{directory / ADAPTER_CONFIG} has no valid lora_config: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{directory / ADAPTER_WEIGHTS} has no valid lora_config: {exc}") from exc
     base_config = meta.get("base_model_config")
     if base_config is not None and hasattr(model, "config") and base_config != model.config.to_dict():
         raise ValueError(f"the adapter was trained on a model with config {base_config}; this model has "
                          f"{model.config.to_dict()}")
     existing = dict(lora_modules(model))
+    if any(m.merged for m in existing.values()):
+        raise ValueError("the model's LoRA adapters are merged: loading an adapter now would leave the merged "
+                         "update in W; unmerge_lora(model) first")
     if existing:
         expected = {f"{n}.lora_A": tuple(m.lora_A.shape) for n, m in existing.items()}
         expected.update({f"{n}.lora_B": tuple(m.lora_B.shape) for n, m in existing.items()})
@@ -89,6 +142,13 @@ def load_lora(model: Module, directory, seed: int = 0) -> Module:
         problems.append(f"unexpected tensors {extra}")
     if problems:
         raise ValueError(f"the adapter in {directory} does not fit this model: " + "; ".join(problems))
+    recorded = meta.get("base_fingerprint")
+    if recorded is not None and not force:
+        actual = base_fingerprint(model, meta.get("modules"))
+        if actual != recorded:
+            raise ValueError(f"the adapter in {directory} was trained on other base weights (fingerprint "
+                             f"{recorded[:12]}, this model {actual[:12]}): its update was learnt for those; "
+                             "load_lora(..., force=True) loads it anyway")
     if not existing:
         apply_lora(model, config, seed=seed)
     params = dict(model.named_parameters())

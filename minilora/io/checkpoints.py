@@ -1,8 +1,9 @@
 """Training checkpoints: model weights, AdamW moments and JSON metadata in ONE safetensors file.
 
 The metadata (model config, step, optimizer step count, random-generator states, loss history) rides in the
-safetensors header, and the file is written atomically, so a crash can never leave half a checkpoint; a JSON
-copy of the metadata sits beside it for people to read.
+safetensors header under the file's integrity record (a sha256 of the tensors and the metadata, verified at
+every load), and the file is written atomically, so a crash can never leave half a checkpoint; a JSON copy of
+the metadata sits beside it for people to read (loading never reads it).
 """
 from __future__ import annotations
 
@@ -45,9 +46,11 @@ def save_checkpoint(path, model: GPT, optimizer: AdamW | None = None, meta: dict
     return path
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a checkpoint file; a clear ValueError if it is damaged or not a minilora checkpoint."""
-    tensors, header = load_safetensors(path)
+def read_checkpoint(path, sealed: bool = True) -> tuple[dict, dict]:
+    """(tensors, metadata) of a checkpoint file; a clear ValueError if it is damaged (its integrity record does
+    not match), holds NaN or inf, or is not a minilora checkpoint. sealed=False accepts a file without an
+    integrity record (one whose sha256 the caller has verified itself, as the shipped model's)."""
+    tensors, header = load_safetensors(path, sealed=sealed)
     if "minilora" not in header:
         raise ValueError(f"{path} is a safetensors file but not a minilora checkpoint (no 'minilora' metadata)")
     try:
@@ -57,9 +60,9 @@ def read_checkpoint(path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def load_checkpoint(path, dtype=None) -> tuple[GPT, dict]:
-    """(model, metadata) from a checkpoint file; dtype: None keeps the stored one."""
-    tensors, meta = read_checkpoint(path)
+def load_checkpoint(path, dtype=None, sealed: bool = True) -> tuple[GPT, dict]:
+    """(model, metadata) from a checkpoint file; dtype: None keeps the stored one (see read_checkpoint)."""
+    tensors, meta = read_checkpoint(path, sealed)
     try:
         config = GPTConfig(**meta["model_config"])
     except (KeyError, TypeError) as exc:

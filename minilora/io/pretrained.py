@@ -49,7 +49,7 @@ def load_pretrained(dtype="float32", dropout: float | None = None, directory=PRE
     if actual != info.get("sha256"):
         raise ValueError(f"{weights} has sha256 {actual}, but its metadata records {info.get('sha256')}: "
                          "the file is damaged or was replaced")
-    model, _ = load_checkpoint(weights, dtype=dtype)
+    model, _ = load_checkpoint(weights, dtype=dtype, sealed=False)     # its sha256 was verified just above
     if dropout is not None:
         model.set_dropout(dropout)
     return model
