@@ -14,6 +14,7 @@ fuses the query, key and value projections into one ``c_attn`` of shape (C, 3C) 
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -229,9 +230,16 @@ def save_peft_adapter(model: GPT, path) -> Path:
         "inference_mode": True,
     }
     path = Path(path)
-    save_safetensors(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    # the config rides in the weights file too, under its integrity record, so that minilora can tell an edited
+    # or half-written adapter_config.json from the one written with these weights (PEFT ignores the extra key)
     write_json(path / "adapter_config.json", adapter_config)
+    save_safetensors(tensors, path / "adapter_model.safetensors",
+                     metadata={"format": "pt", PEFT_CONFIG_COPY: json.dumps(adapter_config, sort_keys=True)})
     return path
+
+
+PEFT_CONFIG_COPY = "minilora_adapter_config"
+PEFT_REQUIRED = ("r", "lora_alpha", "target_modules")
 
 
 def _pattern_value(pattern: dict, module_name: str, default):
@@ -252,12 +260,26 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; load a PEFT adapter into a base model")
     config = read_json(path / "adapter_config.json")
+    missing = [key for key in PEFT_REQUIRED if key not in config]
+    if missing:
+        raise ValueError(f"{path / 'adapter_config.json'} lacks {missing}: a PEFT LoRA config always has "
+                         f"{list(PEFT_REQUIRED)} (refusing to guess their values)")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter; only LORA is supported")
     for key, ok in (("use_dora", False), ("bias", "none")):
         if config.get(key, ok) != ok:
             raise ValueError(f"{path}: {key}={config.get(key)!r} is not supported (expected {ok!r})")
-    tensors, _ = load_safetensors(path / "adapter_model.safetensors")
+    tensors, header = load_safetensors(path / "adapter_model.safetensors")
+    if PEFT_CONFIG_COPY in header and json.loads(header[PEFT_CONFIG_COPY]) != config:
+        raise ValueError(f"{path / 'adapter_config.json'} does not match the config minilora wrote with "
+                         f"{path / 'adapter_model.safetensors'}: it was edited, or a save was interrupted")
+    unknown = sorted(k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    if unknown:
+        raise ValueError(f"{path / 'adapter_model.safetensors'} holds tensors minilora cannot apply: {unknown}")
+    orphans = sorted(k for k in tensors if k.endswith(".lora_B.weight")
+                     and k.replace(".lora_B.", ".lora_A.") not in tensors)
+    if orphans:
+        raise ValueError(f"{path}: {orphans} have no matching lora_A")
     C = model.config.n_embd
     modules = dict(model.named_modules())
     plan = []   # (our module name, A, B, scale)
