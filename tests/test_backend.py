@@ -208,7 +208,7 @@ def test_files_round_trip_and_leave_no_temporary_files(tmp_path):
     files.write_json(tmp_path / "c.json", {"n_layer": 2, "name": "tiny"})
     assert listing(tmp_path) == ["c.json", "t.safetensors"]
     loaded, metadata = files.load_safetensors(tmp_path / "t.safetensors")
-    assert metadata == {"format": "pt"}
+    assert metadata == {"format": "pt", files.SEAL: files.content_sha256(tensors, {"format": "pt"})}
     for k, v in tensors.items():
         assert loaded[k].dtype == v.dtype
         np.testing.assert_array_equal(loaded[k], v)

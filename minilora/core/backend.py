@@ -260,6 +260,34 @@ try:
 except ValueError:
     _state["fast"] = None       # fast_enabled() raises the error where a caller can report it
 
-_env = os.environ.get("MINILORA_BACKEND")
-if _env:
-    use_backend(_env)
+
+
+class _RefusedBackend:
+    """Stands in for the array module when MINILORA_BACKEND names no usable backend. Importing minilora still
+    works (so the ``minilora`` command can say what is wrong in one line, without a traceback); the first use of
+    the backend (``xp().zeros``, ``asarray``, ``rng``, a model's arrays) raises the ValueError that says why,
+    naming the variable and the backends there are. ``use_backend`` replaces it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __getattr__(self, name):
+        raise ValueError(self.message)
+
+
+def _backend_from_environment() -> None:
+    """Select the backend the environment variable MINILORA_BACKEND names (read once, on import; unset or empty:
+    NumPy). A value that names no usable backend is not raised here, where it would make ``import minilora``
+    itself fail: it is said on first use, as MINILORA_FAST's is."""
+    name = os.environ.get("MINILORA_BACKEND")
+    if not name:
+        return
+    try:
+        use_backend(name)
+    except ValueError as exc:
+        _state["xp"] = _RefusedBackend(f"the environment variable MINILORA_BACKEND={name!r} names no usable "
+                                       f"backend: {exc}")
+        _state["name"] = name
+
+
+_backend_from_environment()

@@ -2,36 +2,77 @@
 
 ``main(argv)`` is what ``python -m minilora.course`` runs; the ``minilora`` command can hand its
 ``assignment`` arguments to it, or attach the subcommands to its own parser with ``add_subcommands``.
+Both check every argument before any work (the validators and the exit codes of ``minilora.cli``).
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
+from ..cli import OneLineParser, argument, check_output_file, check_output_folder, integer, real, run
 from .build import ASSIGNMENTS, build_student, check_name
-from .grade import ITEMS, format_report, grade
+from .grade import ITEMS, find_submission, format_report, grade
+
+TIMEOUT, MEMORY_MB = 60.0, 1024          # each graded item's child: seconds, address space in MB
 
 
-def _build(args) -> int:
+def _check_build(args) -> None:
     if args.out is None and args.gradescope_zip is None:
         raise ValueError("say where to write: --out DIR (the student version), --gradescope-zip FILE.zip "
                          "(the Gradescope autograder), or both")
+    if args.name not in ASSIGNMENTS and args.name != "all":
+        source = Path(args.name)
+        if not (source.is_dir() or (source.is_file() and source.suffix == ".py")):
+            raise ValueError(f"argument name: unknown assignment {args.name!r}; expected one of "
+                             f"{', '.join(ASSIGNMENTS)}, 'all', or a folder or .py file of instructor sources")
+    if args.gradescope_zip is None:
+        given = [option for option, value in (("--timeout", args.timeout), ("--memory-mb", args.memory_mb))
+                 if value is not None]
+        if given:
+            raise ValueError(f"argument {given[0]}: only the Gradescope bundle has it (--gradescope-zip)")
+    else:
+        if args.name not in ASSIGNMENTS:
+            raise ValueError(f"argument --gradescope-zip: a bundle holds one assignment ({', '.join(ASSIGNMENTS)}); "
+                             f"got {args.name!r}")
+        argument("--gradescope-zip", check_output_file, args.gradescope_zip, ".zip")
+    if args.out is not None:
+        argument("--out", check_output_folder, args.out)
+        out = Path(args.out)
+        if out.is_dir() and any(out.iterdir()) and not args.force:
+            raise ValueError(f"argument --out: {out} exists and is not empty; refusing to overwrite it (--force "
+                             "overwrites the assignment files in it)")
+
+
+def _build(args) -> int:
     if args.gradescope_zip is not None:
         from .gradescope import build_autograder_zip
 
         check_name(args.name)
-        print(f"wrote {build_autograder_zip(args.name, args.gradescope_zip, args.timeout, args.memory_mb)}")
+        bundle = build_autograder_zip(args.name, args.gradescope_zip, _or(args.timeout, TIMEOUT),
+                                      _or(args.memory_mb, MEMORY_MB))
+        print(f"wrote {bundle}")
     if args.out is not None:
         for path in build_student(args.name, args.out, force=args.force):
             print(f"wrote {path}")
     return 0
 
 
+def _check_grade(args) -> None:
+    if args.gradescope is None:      # with --gradescope, a submission that cannot be graded gets a results.json
+        try:
+            find_submission(args.name, args.file)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ValueError(f"argument file: {exc}") from None
+    for option, path in (("--json", args.json), ("--gradescope", args.gradescope)):
+        if path is not None:
+            argument(option, check_output_file, path)
+
+
 def _grade(args) -> int:
     from ..io.files import write_json
 
     try:
-        report = grade(args.name, args.file, timeout=args.timeout, memory_mb=args.memory_mb)
+        report = grade(args.name, args.file, timeout=_or(args.timeout, TIMEOUT),
+                       memory_mb=_or(args.memory_mb, MEMORY_MB))
     except (FileNotFoundError, ValueError) as exc:
         if not args.gradescope:
             raise
@@ -54,23 +95,15 @@ def _list(args) -> int:
     return 0
 
 
-def _positive(kind):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"expected a positive number; got {text!r}")
-        return value
-    return parse
+def _or(value, default):
+    return default if value is None else value
 
 
 def _add_limits(parser) -> None:
-    parser.add_argument("--timeout", type=_positive(float), default=60.0,
-                        help="seconds each graded item's child process may run (default 60)")
-    parser.add_argument("--memory-mb", type=_positive(int), default=1024,
-                        help="memory each graded item's child process may use, in MB (default 1024)")
+    parser.add_argument("--timeout", type=real(0, 86400, low_open=True, note=" seconds (a day at most)"),
+                        default=None, help=f"seconds each graded item's child process may run (default {TIMEOUT:g})")
+    parser.add_argument("--memory-mb", type=integer(1, 2**20, note=" MB (1 TiB at most)"), default=None,
+                        help=f"memory each graded item's child process may use, in MB (default {MEMORY_MB})")
 
 
 def add_subcommands(sub) -> None:
@@ -84,9 +117,9 @@ def add_subcommands(sub) -> None:
     b.add_argument("--force", action="store_true", help="overwrite the assignment files in a non-empty --out")
     b.add_argument("--gradescope-zip", metavar="FILE.zip",
                    help="also write Gradescope's autograder bundle for the assignment (setup.sh, run_autograder, "
-                        "the grader)")
+                        "the grader); --timeout and --memory-mb set its limits")
     _add_limits(b)
-    b.set_defaults(func=_build)
+    b.set_defaults(func=_build, check=_check_build)
 
     g = sub.add_parser("grade", help="grade a student's file and print the report",
                        description="Grade every function of a student's file against minilora's reference in "
@@ -97,23 +130,20 @@ def add_subcommands(sub) -> None:
     g.add_argument("--json", help="also write the report to this JSON file")
     g.add_argument("--gradescope", metavar="RESULTS.json", help="also write Gradescope's results.json here")
     _add_limits(g)
-    g.set_defaults(func=_grade)
+    g.set_defaults(func=_grade, check=_check_grade)
 
     listing = sub.add_parser("list", help="the assignments, their items and points")
-    listing.set_defaults(func=_list)
+    listing.set_defaults(func=_list, check=None)
 
 
-def build_parser(prog: str = "python -m minilora.course") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Course assignments: build student versions, grade them.")
+def build_parser(prog: str = "python -m minilora.course") -> OneLineParser:
+    parser = OneLineParser(prog=prog, description="Course assignments: build student versions, grade them.")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
 def main(argv=None, prog: str = "python -m minilora.course") -> int:
-    """Run one assignment command; 0 on success (for grade: whenever grading ran), 2 on a usage error."""
+    """Run one assignment command; 0 on success (for grade: whenever grading ran), 2 on a usage error, 1 when
+    writing fails."""
     args = build_parser(prog).parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as exc:
-        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return run(args, f"{prog} {args.command}", tune_allocator=False)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
 
@@ -26,8 +25,3 @@ def tune_host_allocator() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     except (OSError, AttributeError):                        # not glibc (musl, ...): leave malloc alone
         return False
-
-
-def tune_host_allocator_unless_disabled() -> bool:
-    """``tune_host_allocator()`` unless the environment says ``MINILORA_TUNE_MALLOC=0``; True if applied."""
-    return os.environ.get("MINILORA_TUNE_MALLOC", "1") != "0" and tune_host_allocator()
