@@ -183,6 +183,21 @@ def check_checkpoint(path) -> None:
         raise ValueError(message if str(path) in message else f"{path}: {message}") from None
 
 
+def check_resumable(path) -> None:
+    """A fine-tuning checkpoint to resume: intact (its integrity record), and one that records a fine-tuning run
+    (the library checks that it is this run when it resumes)."""
+    from .io.checkpoints import read_checkpoint
+
+    check_input_file(path)
+    try:
+        _, meta = read_checkpoint(path)
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        message = str(exc)
+        raise ValueError(message if str(path) in message else f"{path}: {message}") from None
+    if "finetune" not in meta:
+        raise ValueError(f"{path} records no fine-tuning run (a pretraining checkpoint?); nothing to resume")
+
+
 def argument(option: str, check, value, *extra) -> None:
     """``check(value)``, its ValueError said as argparse says a bad argument: "argument --out: ..."."""
     try:
@@ -479,6 +494,10 @@ def _check_finetune(args) -> None:
     argument("--out", check_output_folder, args.out)
     if args.checkpoint is not None:
         argument("--checkpoint", check_checkpoint, args.checkpoint)
+    if args.resume:
+        from .train import CHECKPOINT_NAME
+
+        argument("--resume", check_resumable, str(Path(args.out) / CHECKPOINT_NAME))
     if args.method == "lora":
         # each target must name a linear layer of the model that is fine-tuned (its suffix or its full name), and
         # the rank must fit every layer it adapts
@@ -508,15 +527,19 @@ def _finetune(args) -> int:
         r=lora["r"], alpha=args.alpha if args.alpha is not None else 2.0 * lora["r"], targets=lora["targets"],
         dropout=lora["lora_dropout"], use_rslora=args.rslora, init=lora["init"])) if args.method == "lora" else None
     lr = args.lr if args.lr is not None else (1e-3 if args.method == "full" else 1e-2)
+    checkpoints = args.checkpoint_every > 0 or args.resume
     tc = train.TrainConfig.for_finetuning(args.steps, args.batch_size, lr,
                                           weight_decay=0.1 if args.method == "full" else 0.0,
-                                          eval_every=args.eval_every, seed=args.seed, quiet=args.quiet)
+                                          eval_every=args.eval_every, seed=args.seed, quiet=args.quiet,
+                                          checkpoint_every=args.checkpoint_every,
+                                          out_dir=args.out if checkpoints else None)
+    resume = Path(args.out) / train.CHECKPOINT_NAME if args.resume else None
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus, args.text_source)
     print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({settings.lora})" if settings else ""))
     plan = {1: args.latency_repeats, 32: max(1, args.latency_repeats // 4)} if args.latency_repeats else 0
     run = finetune(model, args.method, corpus, tc, out_dir=args.out, seed=args.seed, settings=settings,
-                   latency_repeats=plan)
+                   latency_repeats=plan, resume_from=resume)
     bits = 1 / math.log(2)
     print(f"trainable {run.trainable:,} of {run.total:,} ({run.percent:.3f}%); validation "
           f"{run.val_before * bits:.4f} -> {run.val_after * bits:.4f} bits/char; step {1e3 * run.step_seconds:.1f} ms; "
@@ -707,6 +730,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--latency-repeats", type=int, default=20,
                    help="after training, time inference at batch 1 (this many rounds) and 32 (a quarter): the base "
                         "model, LoRA unmerged and merged, taking turns; 0 skips it")
+    f.add_argument("--checkpoint-every", type=COUNT, default=50,
+                   help="write a resumable checkpoint, --out/checkpoint.safetensors, every N steps and at the end; "
+                        "0: none")
+    f.add_argument("--resume", action="store_true",
+                   help="continue the interrupted fine-tune from --out/checkpoint.safetensors; give the same "
+                        "--checkpoint, --method, LoRA settings, --seed, --steps, --batch-size, --lr, --eval-every and "
+                        "--dropout as the first run (anything else is refused)")
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(func=_finetune, check=_check_finetune)
 

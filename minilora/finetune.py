@@ -11,11 +11,19 @@ studies, the comparison of methods) is one call of ``finetune``.
 5. save what the method trained (the methods of SAVERS) and time inference against the untouched model
 
 Returns a FinetuneRun of plain numbers, ready for a table or JSON; the model is left trained, in place.
+
+A fine-tune checkpoints and resumes like pretraining: give ``train_config.out_dir`` and fit writes
+``<train_config.out_dir>/checkpoint.safetensors`` (every checkpoint_every steps and at the end), which also
+records what the run belongs with (method, settings, seed, data, the base model's sha256) and the untouched
+model's score; ``finetune(..., resume_from=that file)`` with the same base model and arguments ends exactly
+where the uninterrupted run would have: the same weights, curves, scores and saved file, bit for bit.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,14 +31,17 @@ from typing import Callable
 import numpy
 
 from .core.lora import ADAPTER_WEIGHTS, LoRAConfig, parameter_report
+from .core import backend
 from .core.methods import METHODS, MethodSettings, apply_method, check_method, for_inference
+from .core.methods import method as method_entry
 from .core.model import GPT
 from .data import Corpus
 from .io.adapter_files import adapter_state, save_lora
-from .io.checkpoints import save_checkpoint
+from .io.checkpoints import read_checkpoint, save_checkpoint
+from .io.files import remove_stale_temporaries
 from .timing import paired_forward_samples, ratio_spread, spread
 from .tasks import IGNORE, ClassificationTask, accuracy, task_batches
-from .train import TrainConfig, evaluate, fit
+from .train import TrainConfig, check_finite, check_resumable, evaluate, fit
 
 
 @dataclass
@@ -134,10 +145,78 @@ def inference_latency(base: GPT, model: GPT, method: str, plan: dict, seq_len: i
     return out
 
 
+def model_fingerprint(model: GPT) -> str:
+    """sha256 of every parameter of ``model`` (names, shapes, dtypes and values, in name order): which base
+    model a fine-tuning checkpoint was trained from."""
+    digest = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        array = numpy.ascontiguousarray(backend.to_numpy(p.data))
+        digest.update(json.dumps([name, list(array.shape), str(array.dtype)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _arrays_sha256(arrays) -> str:
+    """sha256 of token arrays (shapes, dtypes and values, in order): the data a run trained and scored on."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = numpy.ascontiguousarray(backend.to_numpy(array))
+        digest.update(json.dumps([list(array.shape), str(array.dtype)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _jsonable(value):
+    """``value`` as it reads back from a checkpoint's JSON metadata (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
+def run_record(model: GPT, method: str, settings: MethodSettings, seed: int, data, eval_batches) -> dict:
+    """What a fine-tuning checkpoint belongs with, as JSON: the method, the settings of its parts, the seed of
+    its initialisation, the data (its name and the sha256 of its token arrays), eval_batches, and
+    the untouched base model (``model``, before the method is applied): its dtype and sha256."""
+    parts = {part: dataclasses.asdict(getattr(settings, part)) for part in method_entry(method).parts
+             if dataclasses.is_dataclass(getattr(settings, part, None))}
+    if isinstance(data, ClassificationTask):
+        source = {"task": data.name, "classes": list(data.classes), "length": data.length,
+                  "sha256": _arrays_sha256([data.label_ids, *data.train, data.val_x, data.val_y])}
+    else:
+        source = {"corpus": data.name, "sha256": _arrays_sha256([data.train, data.val])}
+    return _jsonable({"method": method, "settings": parts, "seed": seed, "data": source,
+                      "eval_batches": eval_batches, "base_dtype": model.dtype,
+                      "base_sha256": model_fingerprint(model)})
+
+
+def _first_difference(saved, here, where: str):
+    """(dotted key, saved value, this value) of the first difference between two JSON values, or None."""
+    if isinstance(saved, dict) and isinstance(here, dict):
+        for key in sorted(set(saved) | set(here), key=str):
+            found = _first_difference(saved.get(key), here.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    return None if saved == here else (where, saved, here)
+
+
+def _check_finetune_checkpoint(path, meta: dict, record: dict) -> None:
+    """A ValueError naming the first difference between the run a checkpoint belongs with and this one."""
+    saved = meta.get("finetune")
+    if not isinstance(saved, dict):
+        raise ValueError(f"cannot resume {path} as a fine-tune: it records no fine-tuning run (a pretraining "
+                         "checkpoint? resume it with train.fit, or start the fine-tune from its weights)")
+    found = _first_difference(saved, record, "")
+    if found:
+        key, was, now = found
+        what = "the base model's weights" if key == "base_sha256" else key
+        raise ValueError(f"cannot resume {path}: it belongs with a fine-tune with {key}={was!r}, this run has "
+                         f"{key}={now!r} ({what} differs: resume with the same base model, method, settings, "
+                         "seed and data)")
+
+
 def finetune(model: GPT, method: str, data: Corpus | ClassificationTask, train_config: TrainConfig,
              lora: LoRAConfig | None = None, out_dir=None, label: str | None = None, latency_repeats=20,
              eval_batches: int | None = None, seed: int = 0, *, settings: MethodSettings | None = None,
-             evaluate_before: bool = True) -> FinetuneRun:
+             evaluate_before: bool = True, resume_from=None) -> FinetuneRun:
     """Fine-tune ``model`` (in place) with ``method`` on ``data``; measure and save.
 
     method: one of METHODS, applied with ``settings`` (None: MethodSettings()) and ``seed``; lora, when given,
@@ -151,6 +230,26 @@ def finetune(model: GPT, method: str, data: Corpus | ClassificationTask, train_c
         its size is reported.
     latency_repeats: inference timing after training at batch 1 with that many repeats, or a dict {batch
         size: repeats}; 0 or {}: none. Sequences of train_config's block_size (a task: its snippet length).
+
+    Checkpoints and resume:
+        train_config.out_dir   where fit writes the run's checkpoint, ``checkpoint.safetensors`` (train.
+                               CHECKPOINT_NAME) and its readable ``checkpoint.json``, every
+                               train_config.checkpoint_every steps and at the end (0: only at the end); None: no
+                               checkpoint. It may be out_dir itself: the names differ from the result's files
+                               (adapter.safetensors / adapter_config.json, model.safetensors / model.json).
+                               Its metadata holds run_record(...) under "finetune" and val_before; it keeps
+                               the weights and AdamW moments of every parameter (the frozen base included).
+        resume_from            such a checkpoint: continue the interrupted run. Give the same untouched base
+                               model and the same method, settings, seed, data, eval_batches and train_config
+                               (anything else is a ValueError naming the difference, before any evaluation or
+                               training); the method is applied again as at the start, val_before is read from
+                               the checkpoint, and fit restores weights, moments, generators and curves, so the
+                               FinetuneRun (step_seconds and latency_ms aside: timings of this call) and the saved
+                               file are bit-identical to the uninterrupted run's. A finished checkpoint resumes to
+                               the end at once.
+    Nothing non-finite is written: every parameter is checked before each checkpoint and before the result is
+    saved (train.check_finite: a FloatingPointError, the last checkpoint untouched). When training starts, the
+    stale temporaries of a killed run's atomic writes are cleared from out_dir and train_config.out_dir.
     Arguments are checked, and the method applied, before any evaluation or training.
     """
     check_method(method)
@@ -176,25 +275,45 @@ def finetune(model: GPT, method: str, data: Corpus | ClassificationTask, train_c
             return evaluate(m, data.val, batch_size=train_config.batch_size, block_size=train_config.block_size,
                             max_batches=eval_batches)
 
+    checkpointing = train_config.out_dir is not None or resume_from is not None
+    # which run a checkpoint belongs with; the base model's sha256 is taken before the method touches it
+    record = run_record(model, method, settings, seed, data, eval_batches) if checkpointing else None
     base = copy.deepcopy(model) if evaluate_before or plan else None      # the untouched model, to compare with
     apply_method(model, method, settings, seed=seed)
     if out_dir is not None:
         SAVERS[method].check(model)
-    val_before = score(base) if evaluate_before else None
+    saved_before = None
+    if resume_from is not None:       # refuse another run's checkpoint before evaluating or training anything
+        _, resumed = read_checkpoint(resume_from)
+        _check_finetune_checkpoint(resume_from, resumed, record)
+        check_resumable(resume_from, resumed, model, train_config)
+        saved_before = resumed.get("val_before")
+    if out_dir is not None:
+        remove_stale_temporaries(out_dir)     # what a killed run's atomic writes left behind
+    if not evaluate_before:
+        val_before = None
+    elif saved_before is not None:    # the score of this very base model and data, as the first run measured it
+        val_before = saved_before
+    else:
+        val_before = score(base)
+    # the checkpoint's metadata: what the run belongs with, and the score that resuming it will not recompute
+    checkpoint_meta = dict(meta, finetune=record, val_before=val_before) if checkpointing else meta
     report = parameter_report(model)
     if task is None:
-        result = fit(model, data.train, data.val, train_config, meta=meta)
+        result = fit(model, data.train, data.val, train_config, resume_from=resume_from, meta=checkpoint_meta)
     else:
-        result = fit(model, config=train_config, meta=meta, batches=task_batches(task, train_config.batch_size),
-                     ignore_index=IGNORE, validate=score)
+        result = fit(model, config=train_config, resume_from=resume_from, meta=checkpoint_meta,
+                     batches=task_batches(task, train_config.batch_size), ignore_index=IGNORE, validate=score)
     run = FinetuneRun(
         label=label or method, method=method, trainable=report["trainable"], total=report["total"],
         percent=report["percent"], val_before=val_before, val_after=score(model), metric=metric,
         val_curve=([[0, val_before]] if evaluate_before else []) + result.val, train_curve=result.train,
         optimizer_bytes=optimizer_state_bytes(model),
-        step_seconds=(result.seconds - result.eval_seconds) / max(1, result.steps),
+        # the steps this call ran (a resumed run: those after the checkpoint; none: 0.0)
+        step_seconds=(result.seconds - result.eval_seconds) / result.steps_run if result.steps_run else 0.0,
     )
     if out_dir is not None:
+        check_finite(model, result.steps, last_checkpoint=result.checkpoint)     # never save a NaN
         run.saved_bytes = SAVERS[method].save(model, Path(out_dir), meta).stat().st_size
     if plan:
         run.latency_ms = inference_latency(base, model, method, plan, seq_len)
