@@ -254,3 +254,23 @@ def test_peft_export_refuses_unknown_tensors(tmp_path):
     (tmp_path / "adapter_model.safetensors").write_bytes(raw_save(tensors, metadata={"format": "pt"}))
     with pytest.raises(ValueError, match="tensors minilora cannot apply: .*wte.weight"):
         interop.load_peft_adapter(tiny(), tmp_path)
+
+
+def test_the_same_content_gives_the_same_bytes_in_every_process(tmp_path):
+    """Files are written by minilora's own safetensors encoder (tensors and metadata in a fixed order), so an
+    adapter or checkpoint has one sha256 whichever process wrote it; safetensors reads it as it reads its own."""
+    import subprocess
+    import sys
+
+    script = ("import sys, numpy as np; from minilora.io.files import save_safetensors\n"
+              "t = {'w': np.arange(12.).reshape(3, 4), 'b': np.arange(3, dtype=np.float32), 'n': np.array(2.5),\n"
+              "     'i': np.arange(5)}\n"
+              "save_safetensors(t, sys.argv[1], {'format': 'pt', 'minilora': '{\"step\": 3}', 'other': 'x'})\n")
+    for name in ("one", "two"):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"{name}.safetensors")], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": name == "one" and "1" or "2"})
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    from safetensors.numpy import load
+    loaded = load((tmp_path / "one.safetensors").read_bytes())
+    assert loaded["n"].shape == () and loaded["b"].dtype == np.float32 and loaded["i"].tolist() == [0, 1, 2, 3, 4]
+    assert np.array_equal(loaded["w"], np.arange(12.).reshape(3, 4))

@@ -62,7 +62,7 @@ def content_sha256(tensors: dict, metadata: dict) -> str:
     entry but the record itself. It changes with any bit of the tensors or of the metadata (the config)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
-        array = numpy.ascontiguousarray(backend.to_numpy(tensors[name]))
+        array = numpy.require(backend.to_numpy(tensors[name]), requirements="C")
         digest.update(json.dumps([name, array.dtype.str, list(array.shape)]).encode())
         digest.update(array.tobytes())
     digest.update(json.dumps({k: v for k, v in metadata.items() if k != SEAL}, sort_keys=True).encode())
@@ -85,17 +85,42 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None) -> None:
     ``minilora_sha256``, the content_sha256 of the tensors and metadata. A non-finite tensor is refused
     (ValueError naming it) and nothing is written.
     """
-    from safetensors.numpy import save
-
     host = {}
     for name, value in tensors.items():
         if not backend.is_array(value):
             raise TypeError(f"tensor {name!r} must be an array; got {type(value).__name__}")
-        host[name] = numpy.ascontiguousarray(backend.to_numpy(value))
+        host[name] = numpy.require(backend.to_numpy(value), requirements="C")
     check_finite(host, f"the file to write, {path}")
     metadata = dict(metadata or {})
     metadata[SEAL] = content_sha256(host, metadata)
-    write_bytes_atomic(Path(path), save(host, metadata=metadata))
+    write_bytes_atomic(Path(path), safetensors_bytes(host, metadata))
+
+
+_SAFETENSORS_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "int64": "I64", "int32": "I32",
+                       "int16": "I16", "int8": "I8", "uint64": "U64", "uint32": "U32", "uint16": "U16",
+                       "uint8": "U8", "bool": "BOOL"}
+
+
+def safetensors_bytes(tensors: dict, metadata: dict) -> bytes:
+    """The safetensors encoding of {name: NumPy array} with {str: str} metadata, the same bytes for the same
+    content in every process: an 8-byte little-endian header length, a JSON header (tensors in name order, each
+    with dtype, shape and data offsets; keys sorted) padded with spaces to a multiple of 8, then the data,
+    little-endian, in the header's order."""
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        array = numpy.require(tensors[name], requirements="C")
+        if array.dtype.name not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
+        data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        chunks.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
 
 
 def load_safetensors(path, sealed: bool = False) -> tuple[dict, dict]:
