@@ -74,7 +74,15 @@ def write_peft_export(folder):
             lambda: interop.load_peft_adapter(tiny(), folder))
 
 
-KINDS = {"checkpoint": write_checkpoint, "adapter": write_adapter, "HF GPT-2 export": write_hf_export,
+def write_exported_model(folder):
+    from minilora.io.pretrained import NAME, export_pretrained, load_pretrained
+
+    export_pretrained(tiny(), {"corpus": "pydoc", "val_loss": 2.5}, folder)
+    return ([folder / f"{NAME}.safetensors", folder / f"{NAME}.json"],
+            lambda: load_pretrained(dtype="float64", directory=folder))
+
+
+KINDS = {"checkpoint": write_checkpoint, "exported model": write_exported_model, "adapter": write_adapter, "HF GPT-2 export": write_hf_export,
          "PEFT export": write_peft_export}
 
 

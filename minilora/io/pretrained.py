@@ -8,6 +8,7 @@ Files (in minilora/pretrained/): ``tiny_gpt.safetensors`` (weights + metadata in
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -27,13 +28,27 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+METADATA_SEAL = "metadata_sha256"
+
+
+def _metadata_sha256(info: dict) -> str:
+    """sha256 of the metadata's fields (all but this record), in a fixed encoding."""
+    fields = {k: v for k, v in info.items() if k != METADATA_SEAL}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def pretrained_info(directory=PRETRAINED_DIR) -> dict:
-    """The shipped model's metadata: config, corpus, steps, losses, bits per character, sha256, command."""
+    """The shipped model's metadata: config, corpus, steps, losses, bits per character, sha256, command. Its own
+    sha256 (metadata_sha256) is checked, so an edited or damaged figure is an error, not a different figure."""
     path = Path(directory) / f"{NAME}.json"
     if not path.is_file():
         raise FileNotFoundError(f"no pretrained model metadata at {path}; create it with "
                                 "`minilora pretrain --out runs/pretrain --export-to minilora/pretrained`")
-    return read_json(path)
+    info = read_json(path)
+    if not isinstance(info, dict) or info.get(METADATA_SEAL) != _metadata_sha256(info):
+        raise ValueError(f"{path} is damaged or was edited: its fields do not match their recorded sha256 "
+                         f"({METADATA_SEAL})")
+    return info
 
 
 def load_pretrained(dtype="float32", dropout: float | None = None, directory=PRETRAINED_DIR) -> GPT:
@@ -65,5 +80,6 @@ def export_pretrained(model: GPT, meta: dict, directory) -> Path:
     weights = save_checkpoint(directory / f"{NAME}.safetensors", model, None, meta)
     meta.update(model_config=model.config.to_dict(), dtype=model.dtype, sha256=sha256_file(weights),
                 size_bytes=weights.stat().st_size)
+    meta[METADATA_SEAL] = _metadata_sha256(meta)
     write_json(directory / f"{NAME}.json", meta)
     return weights
