@@ -557,6 +557,30 @@ def _finetune(args) -> int:
     return 0
 
 
+def _check_notebooks(args) -> None:
+    from .notebooks import _requirements, find_notebooks
+
+    args.paths = find_notebooks(args.names, args.dir)
+    _requirements()
+    if args.out is not None:
+        argument("--out", check_output_folder, args.out)
+
+
+def _notebooks(args) -> int:
+    from .notebooks import run_notebook
+
+    failed = 0
+    for path in args.paths:
+        run = run_notebook(path, short=args.short, out_dir=args.out)
+        where = f"; wrote {run.written}" if run.written else ""
+        print(f"{run.name:<32} {'passed' if run.passed else 'FAILED'} in {run.seconds:6.1f} s{where}", flush=True)
+        if not run.passed:
+            failed += 1
+            print("    " + run.error.strip().replace("\n", "\n    ")[-3000:], flush=True)
+    print(f"{len(args.paths) - failed} of {len(args.paths)} notebooks passed" + (" (short runs)" if args.short else ""))
+    return 1 if failed else 0
+
+
 def _check_tour(args) -> None:
     argument("--out", check_output_folder, args.out)
 
@@ -774,6 +798,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fast", action="store_true", help="a few steps per run (a smoke test, seconds)")
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.set_defaults(func=_compare, check=_check_compare)
+
+    n = sub.add_parser("notebooks", help="run the teaching notebooks headless and report each",
+                       description="Run the notebooks without a browser (a Jupyter kernel per notebook); print a line "
+                                   "per notebook (passed or failed, seconds); exit 1 if any failed.")
+    notebook_commands = n.add_subparsers(dest="notebooks_command", required=True)
+    nr = notebook_commands.add_parser("run", help="run notebooks from top to bottom",
+                                      description="Run notebooks from top to bottom; each asserts its own results.")
+    nr.add_argument("names", nargs="*", help="notebooks whose file names start so (e.g. 03 04_lora); default: all")
+    nr.add_argument("--dir", default=None, help="the notebooks folder (default: the repository's notebooks/)")
+    nr.add_argument("--out", default=None, help="write the executed notebooks, outputs included, into this folder")
+    nr.add_argument("--short", action="store_true", help="the quick versions (MINILORA_QUICK=1), as the tests run")
+    nr.set_defaults(func=_notebooks, check=_check_notebooks)
 
     from .course.cli import add_subcommands as add_assignment_commands
 
