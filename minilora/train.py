@@ -19,6 +19,7 @@ first clears the temporary files a killed run's atomic writes left there.
 from __future__ import annotations
 
 import math
+import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -169,6 +170,13 @@ def check_finite(model: GPT, step: int, optimizer: AdamW | None = None, last_che
                 f"({last_checkpoint or 'none written by this run'}) is untouched")
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):          # a replaced or closed stream
+        return False
+
+
 def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = None, resume_from=None,
         meta: dict | None = None, *, batches=None, ignore_index=None, validate=None) -> TrainResult:
     """Train ``model`` in place on the token array ``train_ids``; validate on ``val_ids`` (optional).
@@ -243,7 +251,9 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, initial=start, disable=config.quiet, desc="train", unit="step")
+    # a live bar on a terminal; on a file or a pipe, one line per evaluation point instead of a bar's redraws
+    live = not config.quiet and _is_terminal(sys.stderr)
+    bar = tqdm(total=config.steps, initial=start, disable=not live, desc="train", unit="step")
     model.train()
     parallel = ParallelStep(model, threads) if threads > 1 else None
     tokens = 0                                                    # training tokens this call, for tokens/s
@@ -289,6 +299,8 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
             postfix["tok/s"] = f"{tokens / max(elapsed - result.eval_seconds, 1e-9):.0f}"
             bar.set_postfix(postfix, refresh=False)
             bar.update(1)
+            if not live and not config.quiet and "val" in postfix:
+                print(f"step {done}/{config.steps}: " + ", ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
         backend.synchronize()          # the GPU's queued work belongs to the time of the last step
         check_finite(model, config.steps, optimizer, result.checkpoint)      # what the caller gets back
     finally:
