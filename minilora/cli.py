@@ -589,7 +589,9 @@ def _tour(args) -> int:
     from .tour import TourConfig, run_tour
 
     steps = {} if args.steps is None else {"steps": args.steps}
-    config = TourConfig.quick(out_dir=args.out, **steps) if args.quick else TourConfig(out_dir=args.out, **steps)
+    # the quick tour prints its table too (the library's quick config is quiet, for tests)
+    config = (TourConfig.quick(out_dir=args.out, quiet=False, **steps) if args.quick
+              else TourConfig(out_dir=args.out, **steps))
     run_tour(config)
     return 0
 

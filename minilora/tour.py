@@ -82,11 +82,13 @@ def table_rows(runs):
     bits = 1.0 / math.log(2)
     rows = []
     for r in runs:
-        latency = r.latency_ms.get("1", {})          # batch 1
+        latency = r.latency_ms.get("1", {})          # batch 1; merged and unmerged mean something for LoRA only
         rows.append((r.label, r.trainable, round(r.percent, 3), round(r.val_before * bits, 4),
                      round(r.val_after * bits, 4), round(r.optimizer_bytes / 1024, 1), round(1e3 * r.step_seconds, 1),
-                     round(r.saved_bytes / 1024, 1), *(round(latency.get(k, 0.0), 2)
-                                                       for k in ("base", "unmerged", "merged"))))
+                     round(r.saved_bytes / 1024, 1), *(round(latency[k], 2) if k in latency and applies else ""
+                                                       for k, applies in (("base", True),
+                                                                          ("unmerged", r.method == "lora"),
+                                                                          ("merged", r.method == "lora")))))
     return rows
 
 
