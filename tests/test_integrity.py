@@ -282,3 +282,20 @@ def test_the_same_content_gives_the_same_bytes_in_every_process(tmp_path):
     loaded = load((tmp_path / "one.safetensors").read_bytes())
     assert loaded["n"].shape == () and loaded["b"].dtype == np.float32 and loaded["i"].tolist() == [0, 1, 2, 3, 4]
     assert np.array_equal(loaded["w"], np.arange(12.).reshape(3, 4))
+
+
+def test_a_foreign_gpt2_file_is_taken_whole_or_refused(tmp_path):
+    interop.save_hf_gpt2(tiny(), tmp_path)
+    tensors, header = load_safetensors(tmp_path / "model.safetensors")
+    extra = dict(tensors, **{"transformer.h.2.ln_1.weight": np.ones(8)})            # a layer beyond n_layer
+    (tmp_path / "model.safetensors").write_bytes(raw_save(extra, metadata={"format": "pt"}))
+    with pytest.raises(ValueError, match=r"tensors a GPT-2 of 2 layers does not have: \['transformer.h.2.ln_1.weight'\]"):
+        interop.load_hf_gpt2(tmp_path, dtype="float64")
+    buffers = dict(tensors, **{"transformer.h.0.attn.bias": np.tril(np.ones((8, 8)))})   # old checkpoints' mask
+    (tmp_path / "model.safetensors").write_bytes(raw_save(buffers, metadata={"format": "pt"}))
+    interop.load_hf_gpt2(tmp_path, dtype="float64")
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"lacks \['n_embd'\]"):
+        interop.load_hf_gpt2(tmp_path, dtype="float64")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy
@@ -48,10 +49,19 @@ def to_hf_state_dict(arrays: dict, n_layer: int, prefix: str = "transformer.") -
 
 
 def from_hf_state_dict(hf: dict, n_layer: int, n_embd: int) -> dict:
-    """HF GPT-2 {name: array} (with or without the "transformer." prefix) -> minilora {name: array}."""
+    """HF GPT-2 {name: array} (with or without the "transformer." prefix) -> minilora {name: array}.
+
+    Every tensor is accounted for: a float tensor GPT-2 has is used, the attention-mask buffers old checkpoints
+    carry (attn.bias, attn.masked_bias) and a tied lm_head are checked or skipped, and anything else (a layer
+    beyond n_layer, a tensor of another architecture) is an error naming it."""
+    used = set()
+
     def get(name):
         for key in (f"transformer.{name}", name):
             if key in hf:
+                used.add(key)
+                if numpy.dtype(hf[key].dtype).kind != "f":
+                    raise ValueError(f"the GPT-2 tensor {key!r} has dtype {hf[key].dtype}; expected a float type")
                 return hf[key]
         raise ValueError(f"the GPT-2 checkpoint has no tensor {name!r} (nor 'transformer.{name}')")
 
@@ -70,6 +80,11 @@ def from_hf_state_dict(hf: dict, n_layer: int, n_embd: int) -> dict:
     if lm_head is not None and not numpy.array_equal(backend.to_numpy(lm_head), backend.to_numpy(out["wte.weight"])):
         raise ValueError("lm_head.weight differs from wte.weight: minilora's GPT ties its output head to the "
                          "token embedding and cannot load an untied head")
+    buffers = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
+    unknown = sorted(k for k in hf if k not in used and k != "lm_head.weight" and not buffers.match(k))
+    if unknown:
+        raise ValueError(f"the GPT-2 checkpoint holds tensors a GPT-2 of {n_layer} layers does not have: "
+                         f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
     return out
 
 
@@ -135,6 +150,10 @@ def load_hf_gpt2(path, dtype="float32", dropout: float = 0.0) -> GPT:
     if not path.is_dir():
         raise FileNotFoundError(f"no GPT-2 directory at {path}")
     hf = read_json(path / "config.json")
+    missing = [key for key in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if key not in hf]
+    if missing:
+        raise ValueError(f"{path / 'config.json'} lacks {missing}: a GPT-2 config always has them (refusing to "
+                         "guess the architecture)")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{path}/config.json describes model_type {hf.get('model_type')!r}; expected 'gpt2'")
     act = hf.get("activation_function", "gelu_new")
@@ -244,8 +263,6 @@ PEFT_REQUIRED = ("r", "lora_alpha", "target_modules")
 
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name that ends with it."""
-    import re
-
     for key, value in (pattern or {}).items():
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
