@@ -33,3 +33,32 @@ def on_numpy():
 
 def pytest_report_header(config):
     return f"minilora backend: {SESSION_BACKEND}, {'fast path' if SESSION_FAST else 'reference core'}"
+
+
+# CI installs the reference packages (torch, transformers, peft), so there a reference test that skips means a
+# check that silently did not run: with MINILORA_REQUIRE_REFERENCE=1 such a skip fails the session.
+_REFERENCE_WORDS = ("torch", "transformers", "peft", "reference")
+_reference_skips = []
+
+
+def _note_reference_skip(report):
+    if report.skipped:
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(word in reason for word in _REFERENCE_WORDS):
+            _reference_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_collectreport(report):
+    _note_reference_skip(report)
+
+
+def pytest_runtest_logreport(report):
+    _note_reference_skip(report)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import os
+
+    if os.environ.get("MINILORA_REQUIRE_REFERENCE") == "1" and _reference_skips:
+        print("\nreference tests skipped although MINILORA_REQUIRE_REFERENCE=1:\n  " + "\n  ".join(_reference_skips))
+        session.exitstatus = 1
