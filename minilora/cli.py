@@ -545,8 +545,9 @@ def _finetune(args) -> int:
           f"{run.val_before * bits:.4f} -> {run.val_after * bits:.4f} bits/char; step {1e3 * run.step_seconds:.1f} ms; "
           f"saved {run.saved_bytes / 1024:.1f} KB to {args.out}")
     for batch, t in run.latency_ms.items():
-        # each ratio is the median [interquartile range] of the per-round ratio to the base model
-        ratio = {name: "{:.3f}x [{:.3f}, {:.3f}]".format(*t["ratio"][name]) for name in ("unmerged", "merged")}
+        # each ratio: the median per-round ratio to the base model, its 95% interval, and what the interval says
+        ratio = {name: "{:.3f}x [{:.3f}, {:.3f}] ({})".format(*t["ratio"][name], t["verdict"][name])
+                 for name in ("unmerged", "merged")}
         if args.method == "lora":
             print(f"inference latency, batch {batch}: base {t['base']:.2f} ms; LoRA unmerged (two-step) "
                   f"{t['unmerged']:.2f} ms = {ratio['unmerged']} of base; merged {t['merged']:.2f} ms = "
@@ -590,7 +591,8 @@ def _tour(args) -> int:
 
     steps = {} if args.steps is None else {"steps": args.steps}
     # the quick tour prints its table too (the library's quick config is quiet, for tests)
-    config = (TourConfig.quick(out_dir=args.out, quiet=False, **steps) if args.quick
+    # (and times enough rounds of inference for the latency interval to say something)
+    config = (TourConfig.quick(out_dir=args.out, quiet=False, latency_repeats=8, **steps) if args.quick
               else TourConfig(out_dir=args.out, **steps))
     run_tour(config)
     return 0

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,7 @@ from .data import Corpus
 from .io.adapter_files import adapter_state, save_lora
 from .io.checkpoints import read_checkpoint, save_checkpoint
 from .io.files import remove_stale_temporaries
-from .timing import paired_forward_samples, ratio_spread, spread
+from .timing import latency_verdict, paired_forward_samples, ratio_interval, spread
 from .tasks import IGNORE, ClassificationTask, accuracy, task_batches
 from .train import TrainConfig, check_finite, check_resumable, evaluate, fit
 
@@ -124,22 +125,45 @@ def _latency_plan(latency_repeats) -> dict:
     return {int(b): int(r) for b, r in plan.items() if r > 0}
 
 
+# a measurement of at least this many rounds keeps going (up to LATENCY_MAX_FACTOR times as many rounds, or
+# LATENCY_TIME_CAP_S seconds per batch size) until both ratios' 95% intervals are within LATENCY_PRECISION of
+# their medians: a short measurement is a smoke test, a long one should settle what it reports
+LATENCY_ADAPTIVE_FROM = 10
+LATENCY_MAX_FACTOR = 4
+LATENCY_TIME_CAP_S = 20.0
+LATENCY_PRECISION = 0.02
+
+
 def inference_latency(base: GPT, model: GPT, method: str, plan: dict, seq_len: int | None = None) -> dict:
-    """{str(batch size): {"base", "unmerged", "merged", "ratio", "iqr_ms"}}: median ms of one evaluation-mode
-    forward pass of the untouched model, the fine-tuned model (LoRA unmerged: the two-step adapter), and a copy
-    of it made as cheap as the method allows (for_inference: LoRA merged, a prefix MLP baked; the same model
-    again where nothing merges), the three taking turns round by round; "ratio": {"unmerged", "merged"} each
-    [median, q1, q3] of the per-round ratio to the base; "iqr_ms": each model's [q1, q3].
-    plan: {batch size: repeats}."""
+    """{str(batch size): {"base", "unmerged", "merged", "ratio", "verdict", "rounds", "iqr_ms"}}: median ms of one
+    evaluation-mode forward pass of the untouched model, the fine-tuned model (LoRA unmerged: the two-step
+    adapter), and a copy of it made as cheap as the method allows (for_inference: LoRA merged, a prefix MLP baked;
+    the same model again where nothing merges), the three taking turns round by round on the same tokens after a
+    warm-up; "ratio": {"unmerged", "merged"} each [median, low, high] of the per-round ratio to the base, with
+    its 95% interval (timing.ratio_interval); "verdict": what each interval says (timing.latency_verdict);
+    "rounds": how many rounds were timed; "iqr_ms": each model's [q1, q3].
+    plan: {batch size: repeats}; from LATENCY_ADAPTIVE_FROM repeats on, more rounds are taken until the
+    intervals are narrow (see the constants above)."""
     ready = for_inference(copy.deepcopy(model), method)
+    names = ("base", "unmerged", "merged")
     out = {}
     for batch, repeats in plan.items():
-        samples = dict(zip(("base", "unmerged", "merged"), paired_forward_samples([base, model, ready], batch,
-                                                                               repeats, seq_len)))
+        samples = dict(zip(names, paired_forward_samples([base, model, ready], batch, repeats, seq_len)))
+        start = time.perf_counter()
+        while repeats >= LATENCY_ADAPTIVE_FROM and len(samples["base"]) < LATENCY_MAX_FACTOR * repeats \
+                and time.perf_counter() - start < LATENCY_TIME_CAP_S:
+            intervals = [ratio_interval(samples[name], samples["base"]) for name in ("unmerged", "merged")]
+            if all(r.high - r.low <= 2 * LATENCY_PRECISION * r.median for r in intervals):
+                break
+            more = paired_forward_samples([base, model, ready], batch, repeats, seq_len)
+            for name, extra in zip(names, more):
+                samples[name] += extra
         timings = {name: 1e3 * spread(t).median for name, t in samples.items()}
-        # each ratio from the same rounds as the times, with its interquartile range: [median, q1, q3]
-        timings["ratio"] = {name: [r.median, r.low, r.high] for name in ("unmerged", "merged")
-                            for r in [ratio_spread(samples[name], samples["base"])]}
+        # each ratio from the same rounds as the times: [median, low, high] with its 95% interval
+        intervals = {name: ratio_interval(samples[name], samples["base"]) for name in ("unmerged", "merged")}
+        timings["ratio"] = {name: [r.median, r.low, r.high] for name, r in intervals.items()}
+        timings["verdict"] = {name: latency_verdict(r) for name, r in intervals.items()}
+        timings["rounds"] = len(samples["base"])
         timings["iqr_ms"] = {name: [1e3 * spread(t).low, 1e3 * spread(t).high] for name, t in samples.items()}
         out[str(batch)] = timings
     return out

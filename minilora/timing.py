@@ -7,6 +7,7 @@ computed from the same samples as the times printed beside it, round by round, a
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -61,6 +62,45 @@ def spread(samples) -> Spread:
         return Spread(middle, middle, middle, len(samples))
     q1, q2, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return Spread(q2, q1, q3, len(samples))
+
+
+def median_interval(samples, level: float = 0.95) -> Spread:
+    """The median of the samples and a distribution-free interval for it: the order statistics x_(k) and
+    x_(n+1-k), k the largest with P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so that the interval covers the
+    true median with probability at least ``level`` whatever the distribution (the whole range when n is too
+    small for that: n < 6 at 95%)."""
+    samples = sorted(samples)
+    n = len(samples)
+    if not n:
+        raise ValueError("no samples to summarise")
+    tail, k, below = (1 - level) / 2, 0, 0.0
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n            # P(Binomial(n, 1/2) <= k)
+        if below > tail:
+            break
+        k += 1
+    return Spread(statistics.median(samples), samples[max(k - 1, 0)] if k else samples[0],
+                  samples[n - k] if k else samples[-1], n)
+
+
+def ratio_interval(samples_a, samples_b, level: float = 0.95) -> Spread:
+    """a / b round by round (both lists from ``take_turns``): the median ratio and its ``level`` interval."""
+    return median_interval([a / b for a, b in zip(samples_a, samples_b)], level)
+
+
+def latency_verdict(ratio: Spread, equivalence: float = 0.05) -> str:
+    """What a ratio to the base model's latency says, read from its 95% interval (median_interval): "no added
+    latency" when the whole interval lies within +-equivalence of 1, "slower" or "faster" when it excludes 1, "not
+    distinguishable" when noise hides whether there is a difference, and nothing from fewer than 6 rounds."""
+    if ratio.n < 6:                                  # no pair of order statistics reaches 95% yet
+        return f"too few rounds ({ratio.n}) to tell"
+    if 1 - equivalence <= ratio.low and ratio.high <= 1 + equivalence:
+        return f"no added latency (within {equivalence:.0%})"
+    if ratio.low > 1:
+        return f"slower: {ratio.median - 1:.0%} added"
+    if ratio.high < 1:
+        return f"faster: {1 - ratio.median:.0%} less"
+    return "not distinguishable from the base"
 
 
 def take_turns(fns, rounds: int, warmup: int = 1, block: int = 1) -> list:

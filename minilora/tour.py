@@ -69,13 +69,17 @@ def run_tour(config: TourConfig | None = None) -> list[FinetuneRun]:
     if not config.quiet:
         print()
         print(format_table(runs))
+        for r in runs:
+            verdict = r.latency_ms.get("1", {}).get("verdict", {}).get("merged")
+            if verdict and r.method == "lora":
+                print(f"{r.label}, merged, batch 1: {verdict}")
         print(f"\nwall time {wall:.0f} s; wrote {out / 'table.csv'}, {out / 'table.json'}, {out / 'val_curves.png'}")
     return runs
 
 
 COLUMNS = ("method", "trainable", "trainable %", "val before (bits/char)", "val after (bits/char)",
            "optimizer state (KB)", "step (ms)", "saved (KB)", "latency base (ms)", "latency unmerged (ms)",
-           "latency merged (ms)")
+           "latency merged (ms)", "merged / base [95%]")
 
 
 def table_rows(runs):
@@ -88,7 +92,9 @@ def table_rows(runs):
                      round(r.saved_bytes / 1024, 1), *(round(latency[k], 2) if k in latency and applies else ""
                                                        for k, applies in (("base", True),
                                                                           ("unmerged", r.method == "lora"),
-                                                                          ("merged", r.method == "lora")))))
+                                                                          ("merged", r.method == "lora"))),
+                     "{:.2f}x [{:.2f}, {:.2f}]".format(*latency["ratio"]["merged"])
+                     if "ratio" in latency and r.method == "lora" else ""))
     return rows
 
 

@@ -323,7 +323,7 @@ def test_the_fine_tune_recipe_on_a_classification_task():
     assert run.val_before == accuracy(ml.GPT(ml.GPTConfig(block_size=32, n_layer=1, n_embd=16, n_head=2), seed=0),
                                       task)
     assert run.trainable == 3 * 16 and len(run.train_curve) == 4
-    assert set(run.latency_ms["1"]) == {"base", "unmerged", "merged", "ratio", "iqr_ms"}
+    assert set(run.latency_ms["1"]) == {"base", "unmerged", "merged", "ratio", "verdict", "rounds", "iqr_ms"}
     assert set(run.latency_ms["1"]["ratio"]) == {"unmerged", "merged"}
 
 
