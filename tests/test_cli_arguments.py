@@ -61,6 +61,10 @@ TABLE = {
                                      env={"MINILORA_BACKEND": "cupy"}),
     "backend-choice": Case(["--backend", "bogus", "gradcheck"], ["--backend", "bogus"]),
     "no-command": Case([], ["command"]),
+    "notebooks-no-subcommand": Case(["notebooks"], ["notebooks_command"]),
+    "notebooks-unknown-name": Case(["notebooks", "run", "99_nope"], ["99_nope", "no notebook"]),
+    "notebooks-missing-dir": Case(["notebooks", "run", "--dir", "/nonexistent/notebooks"], ["/nonexistent/notebooks"]),
+    "notebooks-out-is-file": Case(["notebooks", "run", "01", "--out", "{file}"], ["--out"]),
     "unknown-command": Case(["nonsense"], ["nonsense"]),
     # gradcheck
     "gradcheck-seed-negative": Case(["gradcheck", "--seed", "-1"], ["--seed", "-1"]),
