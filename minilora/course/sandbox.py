@@ -94,7 +94,7 @@ def run_child(source: str, file_name: str, request: dict, arrays: dict, limits: 
                 return ChildRun(None, failure=f"timed out after {limits.timeout:g} s (an endless loop?)",
                                 loaded=(folder / LOADED_MARKER).exists())
             finally:
-                _kill(process)                    # whatever it started in its session goes with it
+                _kill(process)
         loaded = (folder / LOADED_MARKER).exists()
         if code != 0 or not (folder / "result.json").exists():
             if code < 0:
@@ -119,12 +119,15 @@ def run_child(source: str, file_name: str, request: dict, arrays: dict, limits: 
 
 
 def _kill(process) -> None:
-    if process.poll() is None or os.name == "posix":
-        try:
-            if os.name == "posix":
-                os.killpg(process.pid, signal.SIGKILL)
-            else:
-                process.kill()
-        except (ProcessLookupError, PermissionError, OSError):
-            pass
-        process.wait()
+    """Kill a child that is still running, with its whole process group (what it started goes with it); a
+    child that has exited is left alone, so that a reused process id is never signalled."""
+    if process.poll() is not None:
+        return
+    try:
+        if os.name == "posix":
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+    process.wait()
