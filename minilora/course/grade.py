@@ -306,7 +306,7 @@ def _pair_cases(pair: str, forward: str, backward: str, grade_forward_output: bo
                     "dout": inputs.put(dout)["array"], "flags": dict(case.flags),
                     "wrt": [inputs_of.index(name) for name in case.wrt]}
 
-            def check(result, arrays, case=case, out=out, want=want):
+            def check(result, arrays, case=case, out=out, want=want, wrt=spec["wrt"]):
                 if "out" not in result:
                     got = _decode(result.get("returned"), arrays)
                     return [_Outcome(case.name, "forward", problem=f"{forward} returned a {_describe(got)}; "
@@ -318,7 +318,7 @@ def _pair_cases(pair: str, forward: str, backward: str, grade_forward_output: bo
                     outcomes.insert(0, forward_outcome)
                 if forward_outcome.ok and all(o.problem is None for o in outcomes):
                     got = dict(zip(grads_of, grads if len(labels) > 1 else (grads,)))
-                    for index in spec_wrt(case):
+                    for index in wrt:
                         name = inputs_of[index]
                         numeric = _decode((result.get("numerical") or {}).get(str(index)), arrays)
                         outcomes.append(_against_differences(f"{case.name}, d{name}", forward, got[name], numeric))
@@ -326,9 +326,6 @@ def _pair_cases(pair: str, forward: str, backward: str, grade_forward_output: bo
 
             built.append(_Case(case.name, spec, check))
         return built
-
-    def spec_wrt(case):
-        return [inputs_of.index(name) for name in case.wrt]
 
     return cases
 
