@@ -1,14 +1,18 @@
-"""What the studies share: the downstream corpus, and short LoRA / full fine-tuning runs from the shipped model.
+"""What the studies share: the downstream corpus and its declared split, and short LoRA / full fine-tuning runs
+from the shipped model, each scored on dev (for selection) or on test (for reporting); see protocol.py.
 
 Defaults (a few minutes for a whole study on 2 CPU cores): batch 8 windows of 128 characters, 100 steps,
-LoRA lr 1e-2 and full fine-tuning lr 1e-3, validation on the first 16 batches of 8 (128 windows = 16k
-characters) of the python-email validation text. ``fast`` shrinks steps and validation for tests.
+scored on the first 16 batches of 8 windows (128 windows = 16k characters) of the dev or the test half of
+python-email's held-out text. ``lora_lr`` and ``full_lr`` are the starting points of the learning-rate grids
+(``lr_grid``); the rate a run uses is chosen on dev (``select_and_report``). ``fast`` shrinks steps, scoring
+and grids for tests.
 """
 from __future__ import annotations
 
 import functools
 import math
 import sys
+import dataclasses
 from dataclasses import dataclass
 
 import numpy
@@ -19,6 +23,7 @@ from ..finetune import finetune
 from ..core.lora import LoRAConfig, lora_modules
 from ..io.pretrained import load_pretrained
 from ..train import TrainConfig, evaluate
+from . import protocol
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -54,31 +59,84 @@ def downstream():
     return load_corpus("python-email")
 
 
-def pretrained_val_loss(settings: RunSettings) -> float:
-    """The untouched pretrained model on the same validation windows as the runs."""
-    return evaluate(load_pretrained(dropout=0.0), downstream().val, batch_size=settings.batch_size,
+@functools.lru_cache(maxsize=None)
+def split() -> protocol.Split:
+    """The declared split of the downstream domain: train, dev (select), test (report)."""
+    return protocol.split_corpus(downstream())
+
+
+PARTS = ("dev", "test")
+
+
+def held_out(part: str):
+    """The downstream corpus with ``val`` set to its dev or its test half: what a run is scored on."""
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}; got {part!r}")
+    return dataclasses.replace(downstream(), val=getattr(split(), part))
+
+
+def pretrained_val_loss(settings: RunSettings, part: str) -> float:
+    """The untouched pretrained model on the same dev or test windows as the runs."""
+    return evaluate(load_pretrained(dropout=0.0), held_out(part).val, batch_size=settings.batch_size,
                     max_batches=settings.eval_batches)
 
 
 def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | None = None,
-             use_rslora: bool = False):
-    """Fine-tune a fresh copy of the shipped model with LoRA; returns (model, FinetuneRun).
+             use_rslora: bool = False, *, lr: float, part: str):
+    """Fine-tune a fresh copy of the shipped model with LoRA at peak rate lr, scored on ``part`` ("dev" or
+    "test"); returns (model, FinetuneRun).
 
     alpha: None means 2 r (scale 2 at every rank)."""
     model = load_pretrained(dropout=0.0)
     config = LoRAConfig(r=r, alpha=2.0 * r if alpha is None else alpha, targets=tuple(targets),
                         use_rslora=use_rslora)
-    run = finetune(model, "lora", downstream(), train_config(settings, settings.lora_lr, seed), config,
+    run = finetune(model, "lora", held_out(part), train_config(settings, lr, seed), config,
                    latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label=f"LoRA r={r}")
     return model, run
 
 
-def run_full(seed: int, settings: RunSettings):
-    """Full fine-tuning of a fresh copy of the shipped model; returns (model, FinetuneRun)."""
+def run_full(seed: int, settings: RunSettings, *, lr: float, part: str):
+    """Full fine-tuning of a fresh copy of the shipped model at peak rate lr, scored on ``part``; returns
+    (model, FinetuneRun)."""
     model = load_pretrained(dropout=0.0)
-    run = finetune(model, "full", downstream(), train_config(settings, settings.full_lr, seed),
+    run = finetune(model, "full", held_out(part), train_config(settings, lr, seed),
                    latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label="full")
     return model, run
+
+
+def lr_grid(centre: float, fast: bool) -> tuple:
+    """The first learning rates tried around ``centre`` (a rate of protocol.LR_SERIES): centre / 10 .. centre x
+    10 (five rates), or centre / 3 .. centre x 3 when fast; protocol.tune extends it until the best is interior."""
+    i = protocol.LR_SERIES.index(centre)
+    reach = 1 if fast else 2
+    return protocol.LR_SERIES[max(0, i - reach):i + reach + 1]
+
+
+@dataclass
+class Selected:
+    """One configuration's protocol: its learning rate chosen on dev, then one run per reporting seed on test."""
+
+    tuning: protocol.Tuning
+    test: protocol.Interval          # the reported score over the reporting seeds
+    payloads: list                   # what each reporting run returned beside its score (e.g. a model)
+
+
+def select_and_report(run, grid, fast: bool, lower_is_better: bool = True, max_extensions: int | None = None,
+                      report=None, label: str = "") -> Selected:
+    """run(lr, seed, part) -> score or (score, payload). Tune lr on dev with the selection seed over ``grid``
+    (extended until interior; at most one extension when fast), then run every reporting seed at that rate on
+    test. ``report(text)`` is told of each reporting run."""
+    score_of = lambda value: value[0] if isinstance(value, tuple) else value
+    tuning = protocol.tune(lambda lr: score_of(run(lr, protocol.SELECTION_SEED, "dev")), grid, lower_is_better,
+                           max_extensions=(1 if fast else 4) if max_extensions is None else max_extensions)
+    scores, payloads = [], []
+    for seed in protocol.report_seeds(fast):
+        value = run(tuning.best, seed, "test")
+        scores.append(score_of(value))
+        payloads.append(value[1] if isinstance(value, tuple) else None)
+        if report is not None:
+            report(f"{label} lr {tuning.best:g} seed {seed}: {scores[-1]:.4f} (test)")
+    return Selected(tuning, protocol.interval(scores), payloads)
 
 
 def train_config(settings: RunSettings, lr: float, seed: int) -> TrainConfig:
@@ -134,21 +192,26 @@ def progress_counter(study: str, fast: bool, total: int):
     return report
 
 
-def lora_over_seeds(label: str, targets, r: int, seeds, settings: RunSettings, expected_trainable: int,
-                    report=None) -> dict:
-    """LoRA on ``targets`` at rank r once per seed: {"r", "trainable", "losses", "mean", "spread"}.
+def tuned_lora(label: str, targets, r: int, settings: RunSettings, fast: bool, expected_trainable: int,
+               alpha: float | None = None, use_rslora: bool = False, report=None, keep_models: bool = False) -> dict:
+    """LoRA on ``targets`` at rank r under the protocol (select_and_report around settings.lora_lr):
+    {"r", "trainable", "lr", "interior", "dev_scores", "test": Interval as a dict, "losses" (test, one per
+    reporting seed)} and, with keep_models, "models" (the reporting runs' models, not for JSON).
 
-    Checks that every run trains exactly ``expected_trainable`` numbers; calls report(text) after each run."""
-    losses = []
-    for s in seeds:
-        _, run = run_lora(targets, r, s, settings)
-        assert run.trainable == expected_trainable, (
-            f"LoRA {label} r={r} trains {run.trainable} numbers, expected {expected_trainable}")
-        losses.append(run.val_after)
-        if report is not None:
-            report(f"LoRA {label} r={r} seed={s}: {run.val_after:.4f}")
-    mean, spread = mean_and_spread(losses)
-    return {"r": r, "trainable": expected_trainable, "losses": losses, "mean": mean, "spread": spread}
+    Checks that every run trains exactly ``expected_trainable`` numbers."""
+    def one(lr, seed, part):
+        model, run = run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
+        if run.trainable != expected_trainable:
+            raise AssertionError(f"LoRA {label} r={r} trains {run.trainable} numbers, expected {expected_trainable}")
+        return run.val_after, (model if keep_models else None)
+
+    chosen = select_and_report(one, lr_grid(settings.lora_lr, fast), fast, report=report, label=f"LoRA {label} r={r}")
+    out = {"r": r, "trainable": expected_trainable, "lr": chosen.tuning.best, "interior": chosen.tuning.interior,
+           "dev_scores": {f"{lr:g}": v for lr, v in sorted(chosen.tuning.scores.items())},
+           "test": dataclasses.asdict(chosen.test), "losses": chosen.test.values}
+    if keep_models:
+        out["models"] = chosen.payloads
+    return out
 
 
 LOSS_TABLE_HEADER = f"{'':<14}{'r':>4}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"
