@@ -98,7 +98,7 @@ def test_tuning_says_when_the_best_rate_stays_at_the_edge():
     assert tuning.best == 1e-4 and not tuning.interior          # two extensions downwards: 1e-4 is the lowest tried
     assert sorted(tuning.scores) == [1e-4, 3e-4, 1e-3, 3e-3]
     assert "not interior" in tuning.describe()
-    at_the_end = protocol.tune(lambda lr: -lr, (0.3, 1.0), lower_is_better=False)
+    at_the_end = protocol.tune(lambda lr: lr, (0.3, 1.0), lower_is_better=False)
     assert at_the_end.best == 1.0 and not at_the_end.interior   # the series ends at 1.0
 
 
