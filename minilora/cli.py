@@ -558,6 +558,24 @@ def _finetune(args) -> int:
     return 0
 
 
+def _check_findings(args) -> None:
+    if not Path(args.runs).is_dir():
+        raise ValueError(f"argument --runs: {args.runs!r} is not a folder")
+    if args.readme is not None and not Path(args.readme).is_file():
+        raise ValueError(f"argument --readme: {args.readme!r} is not a file")
+
+
+def _findings(args) -> int:
+    from .experiments import findings
+
+    text = findings.render(findings.collect(args.runs))
+    print(text)
+    if args.readme is not None:
+        findings.update_readme(args.readme, text)
+        print(f"\nwrote the table into {args.readme}")
+    return 0
+
+
 def _check_notebooks(args) -> None:
     from .notebooks import _requirements, find_notebooks
 
@@ -787,6 +805,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=SEED, default=0)
     x.add_argument("--out", help="output directory (default: runs/experiments/NAME)")
     x.set_defaults(func=_experiment, check=_check_experiment)
+
+    fd = sub.add_parser("findings", help="the findings table, from the studies' result.json files",
+                        description="Read RUNS/<study>/result.json for every study and print the findings table "
+                                    "(the paper's number, ours with its 95%% interval, the verdict) and each run's "
+                                    "wall time; with --readme, write it between the findings markers of that file.")
+    fd.add_argument("--runs", default="runs/experiments", help="folder of the studies' outputs "
+                                                               "(default: runs/experiments)")
+    fd.add_argument("--readme", default=None, help="also write the table into this Markdown file, between its "
+                                                   "'<!-- findings:begin -->' and '<!-- findings:end -->' lines")
+    fd.set_defaults(func=_findings, check=_check_findings)
 
     from .core.methods import METHODS
 

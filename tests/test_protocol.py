@@ -143,3 +143,44 @@ def test_the_findings_table_lists_every_finding():
     table = protocol.findings_table(results).splitlines()
     assert table[0].startswith("| study | claim | paper")
     assert table[2] == "| s | a claim | 1.0 | 0.9 [0.8, 1.0] | supported |"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the README's findings table
+
+
+def write_result(folder, name, findings, fast=False, wall=90.0):
+    import json
+    (folder / name).mkdir(parents=True, exist_ok=True)
+    (folder / name / "result.json").write_text(json.dumps(
+        {"experiment": name, "fast": fast, "wall_seconds": wall, "result": {"findings": findings}}))
+
+
+def test_the_readme_table_is_regenerated_between_its_markers(tmp_path):
+    from minilora.experiments import findings
+
+    write_result(tmp_path, "rslora", [protocol.finding("rslora", "claim B", "p", "o", "not distinguishable")])
+    write_result(tmp_path, "budget", [protocol.finding("budget", "claim A", "p", "o", "A better")], fast=True)
+    text = findings.render(findings.collect(tmp_path))
+    assert text.index("claim A") < text.index("claim B")            # the studies' order, not the folder's
+    assert "| budget | fast (a smoke test, not a finding) | 1.5 min |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\nbefore\n{findings.BEGIN}\nold table\n{findings.END}\nafter\n")
+    findings.update_readme(readme, text)
+    content = readme.read_text()
+    assert "old table" not in content and "claim B" in content
+    assert content.startswith("# x\nbefore\n") and content.endswith(f"{findings.END}\nafter\n")
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="findings:begin"):
+        findings.update_readme(readme, text)
+
+
+def test_a_damaged_result_file_is_named(tmp_path):
+    from minilora.experiments import findings
+
+    (tmp_path / "budget").mkdir()
+    (tmp_path / "budget" / "result.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="budget/result.json"):
+        findings.collect(tmp_path)
+    with pytest.raises(ValueError, match="no result.json"):
+        findings.render(findings.collect(tmp_path / "empty"))
