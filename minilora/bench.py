@@ -6,7 +6,6 @@ run; torch and transformers are imported only here, only when asked for, and nev
 from __future__ import annotations
 
 import cProfile
-import os
 import pstats
 from dataclasses import asdict, dataclass, field, replace
 
@@ -17,7 +16,7 @@ from .core.backend import use_fast
 from .core.model import GPT, GPTConfig
 from .core.lora import LoRAConfig, apply_lora, merge_lora
 from .core.optim import AdamW
-from .fast.parallel import ParallelStep, default_threads
+from .fast.parallel import ParallelStep, default_threads, usable_cpus
 from .timing import ratio_spread, spread, take_turns
 from .train import forward_backward
 
@@ -203,7 +202,7 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
     """Time the training step (fast path, reference core, LoRA, PyTorch eager and PEFT) and inference latency
     (base, LoRA unmerged and merged, adapters at batch 1 and 32, on ``config`` and on a ``wide_n_embd`` model)."""
     config = config or GPTConfig()
-    threads = threads or os.cpu_count()
+    threads = threads or usable_cpus()
     tokens = batch_size * config.block_size
     ours_threads = threads if backend.current_backend() == "numpy" else 1     # a GPU needs no CPU threads
     if backend.current_backend() == "cupy":

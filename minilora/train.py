@@ -32,7 +32,7 @@ from .data import get_batch, sequential_batches
 from .core.model import GPT, cross_entropy
 from .core.nn import dropout_generators
 from .core.optim import AdamW, clip_grad_norm, cosine_schedule
-from .fast.parallel import ParallelStep, default_threads
+from .fast.parallel import ParallelStep, blas_threads, default_threads, usable_cpus
 # the checkpoint functions live in io.checkpoints; train.load_checkpoint and the others stay importable here
 from .io.checkpoints import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_state, save_checkpoint  # noqa: F401
 from .io.files import remove_stale_temporaries
@@ -121,10 +121,11 @@ def evaluate(model: GPT, ids, batch_size: int = 32, block_size: int | None = Non
     model.eval()
     total, count = 0.0, 0
     try:
-        for idx, targets in sequential_batches(ids, batch_size, block_size, max_batches):
-            loss, _ = cross_entropy(model.forward(idx), targets)
-            total += loss * targets.size
-            count += targets.size
+        with blas_threads(usable_cpus()):
+            for idx, targets in sequential_batches(ids, batch_size, block_size, max_batches):
+                loss, _ = cross_entropy(model.forward(idx), targets)
+                total += loss * targets.size
+                count += targets.size
     finally:
         model.train(was_training)
     return total / count

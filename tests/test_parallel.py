@@ -108,3 +108,62 @@ def test_bad_thread_counts():
         with pytest.raises(ValueError, match="slice_tokens"):
             ParallelStep(model, 1, bad)
     assert 1 <= default_threads(8) <= 8 and default_threads(1) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# how many CPUs the process may use
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),
+    ({"cpu.max": "garbage\n"}, None),
+    ({}, None),
+])
+def test_the_cgroup_quota_is_read_from_v2_or_v1_files(tmp_path, files, expected):
+    from minilora.fast.parallel import _cgroup_cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert _cgroup_cpu_quota(str(tmp_path)) == expected
+
+
+def test_usable_cpus_follow_the_affinity_mask_and_the_quota(tmp_path, monkeypatch):
+    import os
+
+    from minilora.fast import parallel
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert parallel.usable_cpus(str(tmp_path)) == 4                     # the mask, not the host's 64
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert parallel.usable_cpus(str(tmp_path)) == 1                     # 1.5 CPUs of quota: one thread
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert parallel.usable_cpus(str(tmp_path)) == 1                     # never 0
+    monkeypatch.setattr(parallel, "usable_cpus", lambda *a: 3)
+    assert parallel.default_threads(batch_size=8) == 3 and parallel.default_threads(batch_size=2) == 2
+
+
+def test_evaluation_limits_blas_to_the_usable_cpus(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    import minilora as ml
+    from minilora import train
+
+    seen = []
+    monkeypatch.setattr(train, "usable_cpus", lambda: 1)
+    model = ml.GPT(ml.GPTConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=16), seed=0)
+    forward = model.forward
+
+    def spy(idx):
+        seen.extend(i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas")
+        return forward(idx)
+
+    monkeypatch.setattr(model, "forward", spy)
+    before = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    train.evaluate(model, np.arange(200) % 96, batch_size=2, block_size=16, max_batches=2)
+    assert seen and set(seen) == {1}
+    assert [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"] == before

@@ -25,6 +25,7 @@ fast path); ``fit(TrainConfig(threads=1))`` and the reference core (``MINILORA_F
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,13 +36,71 @@ from ..core.model import cross_entropy
 from ..core.nn import dropout_generators
 
 
+def _cgroup_cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
+    """The CPUs a cgroup quota allows this process (cgroup v2 ``cpu.max`` "quota period", or v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), or None where there is no quota."""
+    def read(name):
+        try:
+            with open(os.path.join(root, name), encoding="ascii") as f:
+                return f.read().split()
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    v2 = read("cpu.max")
+    if v2 and len(v2) == 2 and v2[0] != "max":
+        quota, period = v2
+    else:
+        quota, period = (read("cpu/cpu.cfs_quota_us") or [None])[0], (read("cpu/cpu.cfs_period_us") or [None])[0]
+    try:
+        quota, period = int(quota), int(period)
+    except (TypeError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def usable_cpus(cgroup_root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs this process may use: the ones its affinity mask allows, capped by a cgroup CPU quota (a
+    container limited to 2 CPUs on a 64-core host gets 2), at least 1. os.cpu_count() counts the host's."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):          # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, int(quota)))
+    return max(1, cpus)
+
+
 def default_threads(batch_size: int) -> int:
-    """All cores on NumPy (never more threads than sequences in the batch); 1 on CuPy."""
+    """The CPUs this process may use on NumPy (never more threads than sequences in the batch); 1 on CuPy."""
     if backend.current_backend() != "numpy":
         return 1
-    return max(1, min(os.cpu_count() or 1, batch_size))
+    return max(1, min(usable_cpus(), batch_size))
 
 
+class blas_threads:
+    """``with blas_threads(n):`` BLAS runs at most n threads inside the block (threadpoolctl; nothing where it is
+    missing). Evaluation runs under ``blas_threads(usable_cpus())``: OpenBLAS otherwise starts a thread per core
+    of the host, more than the process may use, and those threads wait on each other for their turn on a busy
+    machine."""
+
+    def __init__(self, n: int):
+        self.n, self._limit = n, None
+
+    def __enter__(self):
+        controller = _blas_controller() if backend.current_backend() == "numpy" else None
+        if controller is not None:
+            self._limit = controller.limit(limits=self.n, user_api="blas")
+        return self
+
+    def __exit__(self, *exc):
+        if self._limit is not None:
+            self._limit.restore_original_limits()
+            self._limit = None
+        return False
+
+
+@functools.lru_cache(maxsize=None)
 def _blas_controller():
     """threadpoolctl's controller of the loaded BLAS libraries, or None when threadpoolctl is missing (then
     BLAS is not limited and the parallel step is merely slower)."""
