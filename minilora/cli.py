@@ -619,6 +619,8 @@ def _tour(args) -> int:
 def _check_compare(args) -> None:
     from .core.methods import check_method
 
+    if args.seeds is not None and args.seeds < 2:
+        raise ValueError(f"argument --seeds: a 95% interval needs at least 2 reporting seeds; got {args.seeds}")
     if args.methods is not None:
         argument("--methods", lambda methods: [check_method(m) for m in methods], args.methods)
         twice = sorted({m for m in args.methods if args.methods.count(m) > 1})
@@ -633,8 +635,8 @@ def _compare(args) -> int:
     from .experiments import compare
 
     settings = compare.CompareSettings.fast() if args.fast else compare.CompareSettings()
-    if args.seeds is not None:
-        settings.seeds = tuple(range(args.seed, args.seed + args.seeds))
+    if args.seeds is not None:           # reporting seeds: never the selection seed 0
+        settings.seeds = tuple(range(args.seed + 1, args.seed + 1 + args.seeds))
     elif args.seed:
         settings.seeds = tuple(args.seed + s for s in settings.seeds)
     t0 = time.perf_counter()
@@ -825,8 +827,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "size and inference latency at batch 1 and 32; write table.csv, result.json "
                                    f"and plot.png. Methods: {', '.join(METHODS)}.")
     c.add_argument("--methods", type=names("methods"), help="comma-separated subset of the methods (default: all)")
-    c.add_argument("--seeds", type=POSITIVE, default=None, help="number of seeds (default 3; 1 with --fast)")
-    c.add_argument("--seed", type=SEED, default=0, help="first seed")
+    c.add_argument("--seeds", type=POSITIVE, default=None,
+                   help="number of reporting seeds, at least 2 (default 3; 2 with --fast)")
+    c.add_argument("--seed", type=SEED, default=0, help="the reporting seeds are SEED + 1, SEED + 2, ... (learning "
+                                                        "rates are always chosen with seed 0, on dev)")
     c.add_argument("--fast", action="store_true", help="a few steps per run (a smoke test, seconds)")
     c.add_argument("--out", default="runs/compare", help="output directory")
     c.set_defaults(func=_compare, check=_check_compare)

@@ -202,6 +202,7 @@ TABLE = {
     "compare-methods-trailing-comma": Case(["compare", "--fast", "--methods", "lora,"], ["--methods", "lora,"]),
     "compare-methods-twice": Case(["compare", "--fast", "--methods", "lora,lora"], ["--methods", "'lora'"]),
     "compare-seeds-0": Case(["compare", "--fast", "--seeds", "0"], ["--seeds", "0"]),
+    "compare-seeds-1": Case(["compare", "--fast", "--seeds", "1"], ["--seeds", "at least 2", "got 1"]),
     "compare-seeds-negative": Case(["compare", "--fast", "--seeds", "-1"], ["--seeds", "-1"]),
     "compare-seed-negative": Case(["compare", "--fast", "--seed", "-1"], ["--seed", "-1"]),
     "compare-out-is-file": Case(["compare", "--fast", "--out", "{file}"], ["--out", "{file}"]),

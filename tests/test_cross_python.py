@@ -100,4 +100,4 @@ def test_minilora_compare_fast_runs(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads((tmp_path / "result.json").read_text())["rows"]
     assert [row["method"] for row in rows] == list(ml.METHODS)
-    assert all(numpy.isfinite(row["lm_mean"]) and 0 <= row["acc_mean"] <= 1 for row in rows)
+    assert all(numpy.isfinite(row["lm"]["mean"]) and 0 <= row["accuracy"]["mean"] <= 1 for row in rows)

@@ -1,8 +1,12 @@
-"""Delta W against W (paper 7.3, Table 7): the projection measure on known matrices, and the study."""
+"""Delta W against W (paper 7.3, Table 7): the projection measure on known matrices, the protocol of the study
+(selection on dev only, updates from the reporting seeds' test runs), verdicts from synthetic intervals, outputs."""
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
-from minilora.experiments import delta_w
+from minilora.experiments import common, delta_w, protocol
 
 
 def test_projection_with_ws_own_singular_vectors_is_the_top_singular_values():
@@ -74,27 +78,162 @@ def test_compare_on_an_update_along_ws_own_directions():
     assert row["w_norm"] == pytest.approx(np.linalg.norm(W)) and row["delta_norm"] == pytest.approx(0.1 * row["w_dirs"])
 
 
+def test_update_numbers_and_random_projections():
+    rng = np.random.default_rng(6)
+    W = rng.standard_normal((20, 14))
+    delta = rng.standard_normal((20, 3)) @ rng.standard_normal((3, 14))
+    numbers = delta_w.update_numbers(W, delta, 3)
+    assert numbers["delta_dirs"] == pytest.approx(delta_w.projection_norm(W, *delta_w.top_singular_vectors(delta, 3)))
+    assert numbers["amplification"] == pytest.approx(np.linalg.norm(delta) / numbers["delta_dirs"])
+    draws = delta_w.random_projections(W, 3, np.random.default_rng(0), 5)
+    assert len(draws) == 5 and all(0 < d <= numbers["w_dirs"] + 1e-12 for d in draws)
+    row = delta_w.compare(W, delta, 3, np.random.default_rng(0), draws=5)
+    assert row["random"] == pytest.approx(np.mean(draws)) and row["delta_dirs"] == numbers["delta_dirs"]
+
+
 @pytest.fixture(scope="module")
-def fast_result():
-    return delta_w.run(fast=True, seed=0)
+def recorded():
+    """The fast study, with every LoRA run's (r, seed, part, lr) recorded."""
+    calls = []
+    run_lora = common.run_lora
+
+    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
+        calls.append({"r": r, "seed": seed, "part": part, "lr": lr})
+        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "run_lora", recording_run_lora)
+        result = delta_w.run(fast=True, seed=0)
+    return result, calls
 
 
-def test_fast_study(fast_result, tmp_path):
+@pytest.fixture(scope="module")
+def fast_result(recorded):
+    return recorded[0]
+
+
+def test_selection_reads_dev_only_and_updates_come_from_reporting_runs(recorded):
+    res, calls = recorded
+    for call in calls:
+        if call["seed"] == protocol.SELECTION_SEED:
+            assert call["part"] == "dev", call
+        else:
+            assert call["part"] == "test" and call["seed"] in protocol.FAST_REPORT_SEEDS, call
+    for r in res.ranks:
+        tuned = res.tuned[f"r={r}"]
+        dev = {float(lr): v for lr, v in tuned["dev_scores"].items()}
+        assert tuned["lr"] == min(dev, key=dev.get)
+        reports = [c for c in calls if c["r"] == r and c["part"] == "test"]
+        assert sorted(c["seed"] for c in reports) == list(protocol.FAST_REPORT_SEEDS)
+        assert all(c["lr"] == tuned["lr"] for c in reports)
+    assert set(res.protocol["tuning"]) == {f"r={r}" for r in res.ranks}
+    assert res.protocol["report_seeds"] == list(protocol.FAST_REPORT_SEEDS)
+
+
+def test_fast_study(fast_result):
     res = fast_result
     assert res.ranks == list(delta_w.FAST_RANKS) and res.shape == [128, 128]
     assert len(res.modules) == 8
+    seeds = len(protocol.FAST_REPORT_SEEDS)
     for name, m in res.modules.items():
         for k, r in enumerate(res.ranks):
+            assert len(m["delta_dirs"][k]) == seeds
             # W's own directions are the best any rank-r pair can do (a theorem, so it holds at any size)
-            assert m["w_dirs"][k] >= m["delta_dirs"][k], (name, r)
-            assert m["w_dirs"][k] > m["random"][k], (name, r)
-            assert np.isfinite(m["amplification"][k]) and m["amplification"][k] > 0, (name, r)
-            assert m["delta_norm"][k] > 0 and m["w_norm"][k] == pytest.approx(m["w_norm"][0])
+            assert all(d <= m["w_dirs"][k] + 1e-9 for d in m["delta_dirs"][k]), (name, r)
+            assert m["w_dirs"][k] > protocol.as_interval(m["random"][k]).mean, (name, r)
+            assert len(m["random"][k]["values"]) == res.random_draws
+            assert all(np.isfinite(a) and a > 0 for a in m["amplification"][k]), (name, r)
         # more directions take in more of W
-        assert m["w_dirs"][1] > m["w_dirs"][0] and m["random"][1] > m["random"][0]
+        assert m["w_dirs"][1] > m["w_dirs"][0] and m["random"][1]["mean"] > m["random"][0]["mean"]
+    middle = res.modules[delta_w.middle_module(res)]
+    for key in delta_w.PER_SEED:
+        assert [i["values"] for i in res.middle[key]] == middle[key]
+    for k in range(len(res.ranks)):
+        amps = np.array([m["amplification"][k] for m in res.modules.values()])       # (modules, seeds)
+        assert res.geomean["amplification"][k]["values"] == pytest.approx(np.exp(np.log(amps).mean(axis=0)).tolist())
+
+
+def _interval(values):
+    return dataclasses.asdict(protocol.interval(values))
+
+
+def _synthetic(delta_dirs, amp_small, amp_large, w_dirs=4.0, random=(0.2, 0.21, 0.22)):
+    """A result at ranks (4, 16) whose middle Wq numbers and geometric means are the given values per seed."""
+    delta_dirs, amp_small, amp_large, random = map(_interval, (delta_dirs, amp_small, amp_large, random))
+    res = delta_w.DeltaWResult(ranks=[4, 16], steps=1, layer=0, shape=[8, 8], targets=["q_proj"])
+    res.modules = {"h.0.attn.q_proj": {"w_norm": 9.0, "w_dirs": [w_dirs, w_dirs], "random": [random, random],
+                                       "random_expected": [0.2, 0.2]}}
+    res.middle = {"delta_dirs": [delta_dirs, delta_dirs], "amplification": [amp_small, amp_large]}
+    res.geomean = {"delta_over_random": [amp_small, amp_small], "amplification": [amp_small, amp_large]}
+    return [f["verdict"] for f in delta_w.findings_of(res)]
+
+
+def test_verdicts_follow_the_intervals():
+    assert _synthetic([0.5, 0.52, 0.54], [5.0, 5.1, 5.2], [1.5, 1.6, 1.7]) == [
+        "above random", "above 1", "below W's top directions", "above 1 (amplifies)", "above 1 (amplifies)",
+        "larger at r=4"]
+    assert _synthetic([0.1, 0.11, 0.12], [0.5, 0.51, 0.52], [1.5, 1.6, 1.7], w_dirs=0.05) == [
+        "below random", "below 1", "above W's top directions", "below 1", "below 1", "larger at r=16"]
+    assert set(_synthetic([0.0, 0.5, 0.2], [0.5, 2.0, 1.0], [0.8, 1.5, 1.1], w_dirs=0.3)) == {
+        protocol.NOT_DISTINGUISHABLE}
+
+
+def test_findings_summary_plot_and_json(fast_result, tmp_path):
+    res = fast_result
+    assert res.findings and all(set(f) == {"study", "claim", "paper", "ours", "verdict"} for f in res.findings)
+    assert any(str(delta_w.PAPER["amplification"]) in f["paper"] for f in res.findings)
     text = delta_w.summary(res)
-    mid = next(n for n in res.modules if n.startswith(f"h.{res.layer}.attn.q_proj"))
-    assert mid in text and f"{res.modules[mid]['amplification'][0]:.2f}" in text
+    mid = delta_w.middle_module(res)
+    assert mid in text and protocol.as_interval(res.middle["amplification"][0]).text(2) in text
+    assert "lr chosen on dev" in text and all(f["verdict"] in text for f in res.findings)
+    json.dumps(dataclasses.asdict(res), allow_nan=False)
     delta_w.plot(res, tmp_path / "delta_w.png")
     assert (tmp_path / "delta_w.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+@pytest.fixture(scope="module")
+def smaller():
+    """The fast study at other ranks and steps (what a notebook asks for), every LoRA run's (r, steps, seed, part)
+    recorded."""
+    calls = []
+    run_lora = common.run_lora
+
+    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
+        calls.append({"r": r, "steps": settings.steps, "seed": seed, "part": part})
+        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "run_lora", recording_run_lora)
+        result = delta_w.run(fast=True, seed=0, ranks=(2, 8), steps=4)
+    return result, calls
+
+
+def test_ranks_keyword_picks_the_ranks(smaller):
+    res, calls = smaller
+    assert res.ranks == [2, 8] and {c["r"] for c in calls} == {2, 8}
+    assert set(res.tuned) == set(res.protocol["tuning"]) == {"r=2", "r=8"}
+    for m in res.modules.values():
+        assert all(len(m[key]) == 2 for key in ("w_dirs", "random", "random_expected", *delta_w.PER_SEED))
+        assert m["w_dirs"][1] > m["w_dirs"][0]
+    assert all(len(res.geomean[key]) == 2 for key in delta_w.GEOMEANS)
+    # the protocol is the default's: selection on dev, each rank's reporting seeds on test
+    for r in (2, 8):
+        assert sorted(c["seed"] for c in calls if c["r"] == r and c["part"] == "test") == \
+            list(protocol.FAST_REPORT_SEEDS)
+    assert all(c["part"] == "dev" for c in calls if c["seed"] == protocol.SELECTION_SEED)
+    # r = 4 (the paper's) is not among them: the findings read the first rank, and the trend up to the last
+    assert any("r=2 against r=8" in f["claim"] for f in res.findings)
+
+
+def test_steps_keyword_sets_every_runs_steps(smaller):
+    res, calls = smaller
+    assert res.steps == res.settings["steps"] == 4 != delta_w.FAST_STEPS
+    assert calls and all(c["steps"] == 4 for c in calls)
+
+
+@pytest.mark.parametrize("kwargs", [{"ranks": ()}, {"ranks": (16, 4)}, {"ranks": (4, 4)}, {"ranks": (0, 4)},
+                                    {"ranks": (4, 256)}, {"steps": 0}, {"steps": 2.5}])
+def test_ranks_and_steps_are_checked_before_training(kwargs, monkeypatch):
+    monkeypatch.setattr(common, "run_lora", lambda *a, **k: pytest.fail("trained despite bad arguments"))
+    with pytest.raises(ValueError, match="ranks must|steps must"):
+        delta_w.run(fast=True, **kwargs)

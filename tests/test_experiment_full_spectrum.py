@@ -1,10 +1,13 @@
-"""Full fine-tuning's Delta W: the spectrum measures on matrices with known answers, and a fast run of the study."""
+"""Full fine-tuning's Delta W: the spectrum measures on matrices with known answers; a fast run of the study under
+the protocol (its learning rate chosen on dev with seed 0, reporting runs on test); the verdict logic."""
 import dataclasses
+import inspect
 import json
 
 import numpy as np
 import pytest
 
+from minilora.experiments import common, protocol
 from minilora.experiments import full_spectrum as fs
 from minilora.experiments import rank_basics as rb
 
@@ -54,24 +57,98 @@ def test_weight_names_cover_attention_and_mlp():
 
 
 @pytest.fixture(scope="module")
-def result():
-    return fs.run(fast=True, seed=0)
+def recorded():
+    """The fast study with every full fine-tuning run recorded; a selection-seed run scored on test, or a test
+    run with a seed that is not a reporting seed, fails it. (result, calls)."""
+    calls = []
+    real = common.run_full
+    signature = inspect.signature(real)
+
+    def guarded(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        if bound["seed"] == protocol.SELECTION_SEED and bound["part"] != "dev":
+            raise AssertionError(f"a selection run was scored on {bound['part']}")
+        if bound["part"] == "test" and bound["seed"] not in protocol.report_seeds(True):
+            raise AssertionError(f"a run with seed {bound['seed']} was scored on test")
+        calls.append({"seed": bound["seed"], "part": bound["part"], "lr": bound["lr"]})
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "run_full", guarded)
+        result = fs.run(fast=True, seed=0)
+    return result, calls
 
 
-def test_fast_run_finds_the_update_concentrated_in_few_directions(result):
-    assert result.steps == 6 and len(result.names) == 24
-    assert result.val_after < result.val_before
+@pytest.fixture(scope="module")
+def result(recorded):
+    return recorded[0]
+
+
+def test_the_rate_is_chosen_on_dev_and_the_spectra_come_from_the_test_runs(recorded):
+    result, calls = recorded
+    dev = [c for c in calls if c["part"] == "dev"]
+    test = [c for c in calls if c["part"] == "test"]
+    assert {c["seed"] for c in dev} == {protocol.SELECTION_SEED}
+    assert sorted(f"{c['lr']:g}" for c in dev) == sorted(result.tuning["dev_scores"])
+    assert result.tuning["dev_scores"][f"{result.lr:g}"] == min(result.tuning["dev_scores"].values())
+    assert {c["lr"] for c in test} == {result.lr}
+    assert [c["seed"] for c in test] == result.seeds == [run["seed"] for run in result.runs]
+    assert protocol.as_interval(result.val_after).values == [run["val_after"] for run in result.runs]
+    assert result.protocol["tuning"]["full fine-tuning"]["best"] == result.lr
+    assert result.protocol["report_seeds"] == result.seeds and result.protocol["split"]["corpus"] == "python-email"
+
+
+def test_every_weight_of_every_run_is_measured(result):
+    assert result.steps == 6 and len(result.names) == 24 and set(result.pretrained) == set(result.names)
+    for run in result.runs:
+        assert set(run["weights"]) == set(result.names)
+        for name in result.names:
+            w = run["weights"][name]
+            expected = {"fc": [128, 512], "proj": [512, 128]}.get(name.split(".")[3], [128, 128])
+            assert w["shape"] == expected and 0 < w["relative_update"]
+            # Marchenko-Pastur: a Gaussian's top direction holds about (sqrt(d) + sqrt(k))^2 / (d k) of its energy
+            assert w["random"]["energy"][0] < 0.05
+            assert all(a <= b + 1e-12 for a, b in zip(w["delta"]["energy"], w["delta"]["energy"][1:]))
     c = fs.counts(result)
-    assert c["top1_above_random"] >= 20                  # nearly all 24; room for another BLAS's rounding
-    assert c["stable_rank_below_random"] >= 22
-    for name in result.names:
-        w = result.weights[name]
-        assert 0 < w["relative_update"] < 0.5
-        assert w["random"]["energy"][0] < 0.05            # a Gaussian's top direction holds little
-        assert all(a <= b + 1e-12 for a, b in zip(w["delta"]["energy"], w["delta"]["energy"][1:]))
-    mean = lambda key, f: np.mean([f(result.weights[n][key]) for n in result.names])
-    assert mean("delta", lambda s: s["stable_rank"]) < 0.5 * mean("random", lambda s: s["stable_rank"])
-    assert mean("delta", lambda s: s["energy"][0]) > 2 * mean("random", lambda s: s["energy"][0])
+    assert c["weights"] == 24 and c["cases"] == 24 * len(result.seeds)
+
+
+def test_group_intervals_are_over_the_reporting_runs(result):
+    assert set(result.groups) == {"attention", "MLP"}
+    for group, entry in result.groups.items():
+        names = fs.group_names(result.names, group)
+        assert len(names) == (16 if group == "attention" else 8)
+        for key in ("delta", "random"):
+            for measure in fs.GROUP_MEASURES:
+                interval = protocol.as_interval(entry[key][measure])
+                per_run = [fs.measures(run["weights"][n][key] for n in names)[measure] for run in result.runs]
+                assert interval.values == pytest.approx(per_run) and interval.n == len(result.seeds)
+        assert entry["pretrained"] == fs.measures(result.pretrained[n] for n in names)
+
+
+def synthetic_groups(delta_sr, random_sr, delta_r90):
+    entry = lambda sr, r90: {"stable_rank": dataclasses.asdict(protocol.interval(sr)),
+                             "rank_90": dataclasses.asdict(protocol.interval(r90))}
+    return {"attention": {"delta": entry(delta_sr, delta_r90), "random": entry(random_sr, [66.0, 66.0, 66.0]),
+                          "pretrained": {"stable_rank": 12.0, "rank_90": 36.0}}}
+
+
+def test_verdicts_follow_the_intervals():
+    result = fs.FullSpectrumResult(seeds=[1, 2, 3], steps=100, lr=1e-3, tuning={}, val_before=2.0, val_after={},
+                                   ranks=list(fs.RANKS), names=[])
+    result.groups = synthetic_groups([5.0, 5.5, 6.0], [32.0, 33.0, 34.0], [4.0, 5.0, 6.0])
+    assert [f["verdict"] for f in fs.findings(result)] == ["Delta W lower", "meets"]
+    result.groups = synthetic_groups([10.0, 30.0, 50.0], [32.0, 33.0, 34.0], [7.0, 8.0, 9.0])
+    assert [f["verdict"] for f in fs.findings(result)] == [protocol.NOT_DISTINGUISHABLE, protocol.NOT_DISTINGUISHABLE]
+    result.groups = synthetic_groups([40.0, 41.0, 42.0], [32.0, 33.0, 34.0], [27.0, 28.0, 29.0])
+    assert [f["verdict"] for f in fs.findings(result)] == ["Gaussian lower", "misses"]
+
+
+def test_findings_are_recorded(result):
+    assert [f["claim"].split(":")[0] for f in result.findings] == ["attention", "attention", "MLP", "MLP"]
+    for f in result.findings:
+        assert set(f) == {"study", "claim", "paper", "ours", "verdict"} and f["study"] == "full-spectrum"
+        assert f["verdict"] in {"Delta W lower", "Gaussian lower", "meets", "misses", protocol.NOT_DISTINGUISHABLE}
 
 
 def test_result_is_json_plot_and_summary(result, tmp_path):
@@ -80,6 +157,7 @@ def test_result_is_json_plot_and_summary(result, tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = fs.summary(result)
     c = fs.counts(result)
-    assert f"{c['top1_above_random']}/24" in text and f"{result.val_after:.4f}" in text
-    w = result.weights["h.0.attn.q_proj.weight"]
-    assert f"{w['delta']['stable_rank']:.1f}" in text and f"{w['delta']['energy'][0]:.3f}" in text
+    assert f"{c['top1_above_random']}/{c['cases']}" in text and str(protocol.as_interval(result.val_after)) in text
+    assert f"seeds {result.seeds}" in text and f"lr {result.lr:g}" in text
+    for f in result.findings:
+        assert f"{f['claim']}: {f['verdict']}" in text

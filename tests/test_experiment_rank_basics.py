@@ -94,6 +94,22 @@ def test_the_pretrained_weight_is_full_rank_but_approximately_low_rank(result):
     assert result.rank_needed["weight"]["0.5"] < result.rank_needed["random"]["0.5"]
 
 
+def test_every_exact_fact_holds_and_nothing_is_selected(result):
+    assert [f["verdict"] for f in result.findings] == ["holds"] * 4
+    for f in result.findings:
+        assert set(f) == {"study", "claim", "paper", "ours", "verdict"} and f["study"] == "rank-basics"
+    assert result.protocol["training"] == "none" and result.protocol["selection"].startswith("none")
+
+
+@pytest.mark.parametrize("field, wrong", [("deficient_rank", 3), ("eckart_young_max_discrepancy", 1e-6),
+                                          ("weight_numerical_rank", 127)])
+def test_a_fact_that_fails_is_reported_as_not_holding(result, field, wrong):
+    import dataclasses
+
+    broken = rb.findings(dataclasses.replace(result, **{field: wrong}))
+    assert "does not hold" in [f["verdict"] for f in broken]
+
+
 def test_result_is_json_plot_and_summary(result, tmp_path):
     import dataclasses
 
@@ -104,3 +120,5 @@ def test_result_is_json_plot_and_summary(result, tmp_path):
     assert "rank(I_3) = 3" in text and "16,384" in text and "cheaper below r = 64.0" in text
     assert f"numerical rank {result.weight_numerical_rank}" in text
     assert f"{result.relative_error['weight'][8]:.3f}" in text
+    for f in result.findings:
+        assert f"{f['claim']}: {f['verdict']}" in text

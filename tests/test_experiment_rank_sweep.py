@@ -1,27 +1,62 @@
-"""The rank-sweep study (paper Table 6) in fast mode: every configuration, exact parameter counts, plot, summary."""
+"""The rank-sweep study (paper Table 6) in fast mode: the protocol (selection on dev with seed 0, reporting on
+test with the reporting seeds), exact parameter counts, the verdict logic on synthetic intervals, plot, summary."""
+import dataclasses
+import inspect
+import json
 import math
 
-import numpy as np
 import pytest
 
-from minilora.experiments import common, rank_sweep
+from minilora.experiments import common, protocol, rank_sweep
 from minilora.pretrained import pretrained_info
 
 
+def guarded(real, kind, calls):
+    """``real`` (common.run_lora or common.run_full), refusing a selection-seed run scored on test and a test run
+    with a seed that is not a reporting seed; every call is recorded in ``calls``."""
+    signature = inspect.signature(real)
+
+    def run(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        seed, part = bound["seed"], bound["part"]
+        if seed == protocol.SELECTION_SEED and part != "dev":
+            raise AssertionError(f"a selection run ({kind}) was scored on {part}")
+        if part == "test" and seed not in protocol.report_seeds(True):
+            raise AssertionError(f"a {kind} run with seed {seed} was scored on test")
+        calls.append({"kind": kind, "targets": tuple(bound.get("targets", ())), "r": bound.get("r"),
+                      "seed": seed, "part": part, "lr": bound["lr"]})
+        return real(*args, **kwargs)
+
+    return run
+
+
 @pytest.fixture(scope="module")
-def result():
-    return rank_sweep.run(fast=True, seed=0)
+def recorded():
+    """The fast study, with every training run checked and recorded: (result, calls)."""
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(common, "run_lora", guarded(common.run_lora, "lora", calls))
+        patch.setattr(common, "run_full", guarded(common.run_full, "full", calls))
+        result = rank_sweep.run(fast=True, seed=0)
+    return result, calls
 
 
-def test_every_configuration_is_there_with_finite_losses(result):
-    assert result.ranks == [1, 2] and result.seeds == [0]
+@pytest.fixture(scope="module")
+def result(recorded):
+    return recorded[0]
+
+
+def test_every_configuration_is_there_with_an_interval(result):
+    assert result.ranks == [1, 2] and result.seeds == list(protocol.report_seeds(True))
     assert set(result.target_sets) == {"Wq", "Wq,Wv", "Wq,Wk,Wv,Wo"}
     assert sorted((row["targets"], row["r"]) for row in result.lora) == sorted(
         (label, r) for label in result.target_sets for r in (1, 2))
-    for row in result.lora:
-        assert len(row["losses"]) == 1 and all(math.isfinite(x) for x in row["losses"])
-        assert row["mean"] == row["losses"][0] and row["spread"] == 0.0
-    assert math.isfinite(result.pretrained_loss) and math.isfinite(result.full["mean"])
+    for row in [*result.lora, result.full]:
+        test = protocol.as_interval(row["test"])
+        assert test.n == len(result.seeds) == len(row["losses"]) and all(math.isfinite(x) for x in row["losses"])
+        assert test.low <= test.mean <= test.high
+        assert row["lr"] in protocol.LR_SERIES
+    assert math.isfinite(result.pretrained_loss)
 
 
 def test_trainable_parameters_are_r_times_in_plus_out_per_layer_and_target(result):
@@ -32,28 +67,94 @@ def test_trainable_parameters_are_r_times_in_plus_out_per_layer_and_target(resul
     assert result.full["trainable"] > max(row["trainable"] for row in result.lora)
 
 
-@pytest.fixture(scope="module")
-def next_seeds():
-    """The fast study with the seeds after the fixture's (the default mode's convention: seed, seed + 1, ...)."""
-    return [rank_sweep.run(fast=True, seed=s) for s in (1, 2)]
+def test_rates_are_chosen_on_dev_and_reported_on_test(recorded):
+    """Each configuration's rates are tried with the selection seed on dev (the guard refuses anything else),
+    the chosen one has the lowest dev loss, and only the chosen rate runs on test, once per reporting seed."""
+    result, calls = recorded
+    configurations = [("lora", tuple(result.target_sets[row["targets"]]), row["r"], row) for row in result.lora]
+    configurations.append(("full", (), None, result.full))
+    for kind, targets, r, row in configurations:
+        mine = [c for c in calls if (c["kind"], c["targets"], c["r"]) == (kind, targets, r)]
+        dev = [c for c in mine if c["part"] == "dev"]
+        test = [c for c in mine if c["part"] == "test"]
+        assert {c["seed"] for c in dev} == {protocol.SELECTION_SEED}
+        assert sorted(f"{c['lr']:g}" for c in dev) == sorted(row["dev_scores"])
+        assert row["dev_scores"][f"{row['lr']:g}"] == min(row["dev_scores"].values())
+        assert {c["lr"] for c in test} == {row["lr"]}
+        assert sorted(c["seed"] for c in test) == result.seeds
+    assert len(calls) == sum(len(row["dev_scores"]) + len(result.seeds) for row in [*result.lora, result.full])
 
 
-def test_every_fine_tuning_improves_on_the_pretrained_model(result, next_seeds):
-    """Every configuration lowers the validation loss, on average over three seeds.
+def test_the_best_rank_is_chosen_on_dev(result):
+    for label in result.target_sets:
+        rows = rank_sweep.curve(result, label)
+        assert result.best_rank[label] == min(rows, key=rank_sweep.dev_loss)["r"]
+    recorded_tuning = result.protocol["tuning"]
+    assert set(recorded_tuning) == {f"LoRA {row['targets']} r={row['r']}" for row in result.lora} | {"full fine-tuning"}
+    assert result.protocol["report_seeds"] == result.seeds and result.protocol["selection_seed"] == 0
+    assert result.protocol["split"]["corpus"] == "python-email"
 
-    A fast run is 6 steps, all inside the learning-rate warmup, so the smallest adapters (r = 1 on Wq alone)
-    move the loss by only about as much as the seed moves it (the seed sets A's start and the batch order):
-    one seed's sign is then a draw, not the study's finding. The improvement is expected in every
-    configuration, and averaging three seeds cuts the seed-to-seed spread by sqrt(3), which puts that
-    expectation clear of zero. Full fine-tuning moves every weight and gains far more than that spread, so
-    one seed shows it."""
-    runs = [result, *next_seeds]
-    assert [run.seeds for run in runs] == [[0], [1], [2]]
-    assert len({run.pretrained_loss for run in runs}) == 1          # the same validation windows for every seed
-    for row in result.lora:
-        same = [next(o for o in run.lora if (o["targets"], o["r"]) == (row["targets"], row["r"])) for run in runs]
-        assert np.mean([o["mean"] for o in same]) < result.pretrained_loss, same
-    assert result.full["mean"] < result.pretrained_loss
+
+def test_findings_are_recorded_with_a_verdict(result):
+    claims = [f["claim"] for f in result.findings]
+    assert claims == ["Wq: r=1 is as good as the best rank", "Wq,Wv: r=1 is as good as the best rank",
+                      "Wq,Wk,Wv,Wo: r=1 is as good as the best rank", "Wq,Wv beats Wq at the same r",
+                      "adapting more weight types beats a larger rank on one", "LoRA matches full fine-tuning"]
+    for f in result.findings:
+        assert set(f) == {"study", "claim", "paper", "ours", "verdict"} and f["study"] == "rank-sweep"
+        assert f["verdict"]
+    json.dumps(dataclasses.asdict(result))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the verdict logic on synthetic intervals
+
+
+def synthetic_row(label, r, test_losses, dev_loss, lr=1e-2):
+    trainable = 1024 * r * len(rank_sweep.TARGET_SETS[label]) if r is not None else 822_016
+    return {"targets": label, "r": r, "trainable": trainable, "lr": lr, "interior": True,
+            "dev_scores": {f"{lr / 3:g}": dev_loss + 1, f"{lr:g}": dev_loss, f"{lr * 3:g}": dev_loss + 1},
+            "test": dataclasses.asdict(protocol.interval(test_losses)), "losses": list(test_losses)}
+
+
+def synthetic_result(rows, full):
+    result = rank_sweep.RankSweepResult(ranks=[1, 2], seeds=[1, 2, 3],
+                                        target_sets={k: list(v) for k, v in rank_sweep.TARGET_SETS.items()},
+                                        pretrained_loss=3.0, full=full, lora=rows)
+    result.best_rank = {label: rank_sweep.best_rank(rank_sweep.curve(result, label)) for label in result.target_sets}
+    result.findings = rank_sweep.findings(result)
+    return result
+
+
+def test_verdicts_follow_the_intervals_and_choices_follow_dev():
+    rows = [
+        synthetic_row("Wq", 1, [2.00, 2.01, 2.02], dev_loss=2.0),
+        synthetic_row("Wq", 2, [1.50, 1.51, 1.52], dev_loss=1.5),            # best on dev, clearly better on test
+        synthetic_row("Wq,Wv", 1, [1.40, 1.45, 1.50], dev_loss=1.3),         # best on dev
+        synthetic_row("Wq,Wv", 2, [1.41, 1.46, 1.49], dev_loss=1.35),
+        synthetic_row("Wq,Wk,Wv,Wo", 1, [1.00, 1.01, 1.02], dev_loss=1.3),   # best on test ...
+        synthetic_row("Wq,Wk,Wv,Wo", 2, [1.60, 1.61, 1.62], dev_loss=1.2),   # ... but dev chooses r = 2
+    ]
+    result = synthetic_result(rows, synthetic_row("full", None, [1.30, 1.31, 1.32], dev_loss=1.1, lr=1e-3))
+    assert result.best_rank == {"Wq": 2, "Wq,Wv": 1, "Wq,Wk,Wv,Wo": 2}
+    verdicts = {f["claim"]: f["verdict"] for f in result.findings}
+    assert verdicts["Wq: r=1 is as good as the best rank"] == "r=2 better"
+    assert verdicts["Wq,Wv: r=1 is as good as the best rank"] == "r=1 chosen on dev"
+    assert verdicts["Wq,Wk,Wv,Wo: r=1 is as good as the best rank"] == "r=1 better"
+    # r = 1: Wq,Wv's interval lies below Wq's; r = 2: Wq,Wv's wide interval contains Wq's mean
+    assert verdicts["Wq,Wv beats Wq at the same r"] == "r=1: Wq,Wv better; r=2: not distinguishable"
+    assert verdicts["adapting more weight types beats a larger rank on one"] == protocol.NOT_DISTINGUISHABLE
+    # the best LoRA on dev is all four weights at r = 2 (dev 1.2), worse on test than full fine-tuning
+    assert verdicts["LoRA matches full fine-tuning"] == "full fine-tuning better"
+
+
+def test_separated_intervals_at_every_rank_give_one_verdict():
+    rows = [synthetic_row(label, r, [base + 0.01 * r, base + 0.01 * r + 0.01, base + 0.01 * r + 0.02], dev_loss=base)
+            for label, base in (("Wq", 2.0), ("Wq,Wv", 1.5), ("Wq,Wk,Wv,Wo", 1.4)) for r in (1, 2)]
+    result = synthetic_result(rows, synthetic_row("full", None, [1.0, 1.01, 1.02], dev_loss=1.0, lr=1e-3))
+    verdicts = {f["claim"]: f["verdict"] for f in result.findings}
+    assert verdicts["Wq,Wv beats Wq at the same r"] == "Wq,Wv better at every r"
+    assert verdicts["adapting more weight types beats a larger rank on one"] == "Wq,Wv r=1 better"
 
 
 def test_plot_and_summary(result, tmp_path):
@@ -62,6 +163,9 @@ def test_plot_and_summary(result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = rank_sweep.summary(result)
     for row in result.lora:
-        assert f"{row['mean']:.4f}" in text and f"{row['trainable']:,}" in text
-    assert f"{result.pretrained_loss:.4f}" in text and f"{result.full['mean']:.4f}" in text
+        assert protocol.as_interval(row["test"]).text() in text and f"{row['trainable']:,}" in text
+    assert f"{result.pretrained_loss:.4f}" in text and protocol.as_interval(result.full["test"]).text() in text
     assert f"{common.bits_per_char(result.pretrained_loss):.4f}" in text
+    assert f"seeds {result.seeds}" in text
+    for f in result.findings:
+        assert f"{f['claim']}: {f['verdict']}" in text

@@ -1,6 +1,7 @@
 """The fine-tuning methods other than LoRA (adapters, prefix, prompt, BitFit) and their combinations:
-gradient checks, starting points, freezing, errors, memory and checkpoints, the classification task and the
-comparison. (Each method against PyTorch autograd: test_methods_torch.py.)"""
+gradient checks, starting points, freezing, errors, memory and checkpoints, the classification task. (Each
+method against PyTorch autograd: test_methods_torch.py; the comparison of the methods:
+test_experiment_compare.py.)"""
 import numpy as np
 import pytest
 
@@ -325,69 +326,6 @@ def test_the_fine_tune_recipe_on_a_classification_task():
     assert run.trainable == 3 * 16 and len(run.train_curve) == 4
     assert set(run.latency_ms["1"]) == {"base", "unmerged", "merged", "ratio", "verdict", "rounds", "iqr_ms"}
     assert set(run.latency_ms["1"]["ratio"]) == {"unmerged", "merged"}
-
-
-# ----------------------------------------------------------------------------------------------------
-# the comparison
-
-
-def test_the_comparison_has_learning_rates_for_exactly_the_registered_methods():
-    from minilora.experiments import compare
-
-    assert tuple(compare.LEARNING_RATES) == METHODS and compare.CompareSettings().methods == METHODS
-
-
-def test_compare_fine_tunes_through_the_one_recipe(monkeypatch):
-    from minilora import finetune
-    from minilora.experiments import compare, compare_methods
-
-    calls = []
-
-    def spy(model, method, data, *args, **kwargs):
-        calls.append((method, type(data).__name__))
-        return finetune.finetune(model, method, data, *args, **kwargs)
-
-    monkeypatch.setattr(compare, "finetune", spy)
-    result = compare_methods(methods=("bitfit",), fast=True)
-    assert calls == [("bitfit", "Corpus"), ("bitfit", "ClassificationTask")]
-    row = result.rows[0]
-    assert row.latency_ratio["1"] > 0 and not row.latency_unmerged_ms
-
-
-def test_compare_runs_end_to_end_in_fast_mode(tmp_path):
-    import csv
-    import json
-
-    from minilora.experiments import compare, compare_methods
-
-    result = compare_methods(methods=("lora", "adapters", "prompt"), fast=True)
-    rows = {r.method: r for r in result.rows}
-    assert list(rows) == ["lora", "adapters", "prompt"]
-    assert rows["lora"].trainable == 8192 and rows["prompt"].trainable == 1024
-    for r in result.rows:
-        assert np.isfinite(r.lm_mean) and 0.0 <= r.acc_mean <= 1.0 and r.lm_step_ms > 0 and r.cls_step_ms > 0
-        assert set(r.latency_ms) == {"1", "32"} and r.checkpoint_bytes > 0 and r.memory["total"] > 0
-    assert set(rows["lora"].latency_unmerged_ms) == {"1", "32"} and not rows["adapters"].latency_unmerged_ms
-    text = compare.summary(result)
-    assert "base (no training)" in text and "lora before merging" in text
-    paths = compare.save(result, tmp_path / "out")
-    assert all(p.exists() for p in paths)
-    with open(paths[0]) as f:
-        table = list(csv.DictReader(f))
-    assert [row["method"] for row in table] == ["base (no training)", "lora", "adapters", "prompt"]
-    assert json.loads(paths[1].read_text())["rows"][0]["method"] == "lora"
-
-
-def test_compare_command_and_bad_method(tmp_path, capsys):
-    from minilora.cli import main
-    from minilora.experiments import compare_methods
-
-    assert main(["compare", "--fast", "--methods", "bitfit", "--out", str(tmp_path)]) == 0
-    assert "bitfit" in capsys.readouterr().out and (tmp_path / "table.csv").exists()
-    assert main(["compare", "--fast", "--methods", "bitfit,lora9", "--out", str(tmp_path)]) == 2
-    assert "unknown fine-tuning method 'lora9'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="unknown fine-tuning method"):
-        compare_methods(methods=("dora",), fast=True)
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt", "adapters"])

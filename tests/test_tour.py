@@ -1,5 +1,6 @@
 """The main job, the fine-tune recipe, and fine-tuning through the CLI, in their quick modes."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -12,20 +13,115 @@ from minilora.tour import TourConfig, run_tour
 
 def test_tour_quick_runs_end_to_end_and_writes_its_table_and_plot(tmp_path):
     runs = run_tour(TourConfig.quick(out_dir=str(tmp_path)))
-    assert [r.label for r in runs] == ["full fine-tuning", "LoRA r=1", "LoRA r=4", "LoRA r=16"]
+    assert [r.label for r in runs] == ["full fine-tuning", "LoRA r=1", "LoRA r=4", "LoRA r=16",
+                                       "LoRA r=16 every linear"]
     full, *loras = runs
     assert full.percent == 100.0
-    assert [r.trainable for r in loras] == [4 * 2 * r * (128 + 128) for r in (1, 4, 16)]
-    assert all(r.optimizer_bytes < full.optimizer_bytes / 10 for r in loras)
-    assert all(r.saved_bytes < full.saved_bytes / 10 for r in loras)
+    assert [r.trainable for r in loras[:3]] == [4 * 2 * r * (128 + 128) for r in (1, 4, 16)]
+    assert loras[3].trainable == 4 * 16 * (4 * (128 + 128) + 2 * (128 + 512))     # q, k, v, o, fc, proj
+    assert all(r.optimizer_bytes < full.optimizer_bytes / 5 for r in loras)
+    assert all(r.saved_bytes < full.saved_bytes / 5 for r in loras)
     assert all(set(r.latency_ms) == {"1"} and {"base", "unmerged", "merged", "ratio"} <= set(r.latency_ms["1"]) for r in runs)
     assert all(r.val_curve[0] == [0, r.val_before] for r in runs)
     header = (tmp_path / "table.csv").read_text().splitlines()[0]
-    assert header.startswith("method,trainable")
+    assert header.startswith("method,setting,trainable") and "test accuracy" in header and ",lr," in header
     table = json.loads((tmp_path / "table.json").read_text())
-    assert len(table["runs"]) == 4 and table["wall_seconds"] > 0
+    assert len(table["runs"]) == 5 and table["wall_seconds"] > 0 and table["reading"].startswith("reading")
+    assert [c["label"] for c in table["classification"]] == [r.label for r in runs]
+    assert all(0.0 <= c["accuracy"] <= 1.0 for c in table["classification"])
     assert (tmp_path / "val_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "LoRA_r4" / lora.ADAPTER_WEIGHTS).is_file()
+
+
+def test_the_tour_reads_its_rates_and_reports_on_test_only(tmp_path, monkeypatch, capsys):
+    """Nothing is tuned when the tour runs; every run uses its row's recorded rate, the reporting seed, and the
+    test half (language modelling) or the test snippets (classification)."""
+    from minilora.experiments import protocol
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the tour searched learning rates at run time")
+
+    monkeypatch.setattr(protocol, "tune", no_tuning)
+    config = TourConfig.quick(out_dir=str(tmp_path), quiet=False, latency_repeats=1)
+    split, _, tasks = tour._data(config)
+    record = tour.load_rates()
+    seen = []
+    recipe = finetune.finetune
+
+    def spy(model, method, data, train_config, lora_config=None, *args, label=None, seed=0, **kwargs):
+        if isinstance(data, ml.data.Corpus):
+            assert data.val is split.test or np.array_equal(data.val, split.test)
+            key = "lm"
+        else:
+            assert np.array_equal(data.val_x, tasks["test"].val_x)
+            key = "cls"
+        assert seed == config.seed != protocol.SELECTION_SEED
+        seen.append((label, key, train_config.lr))
+        return recipe(model, method, data, train_config, lora_config, *args, label=label, seed=seed, **kwargs)
+
+    monkeypatch.setattr(tour, "finetune", spy)
+    run_tour(config)
+    for label, key, lr in seen:
+        assert lr == record["rows"][label][key]["lr"]
+    assert len(seen) == 2 * len(tour.rows_of(config))
+    out = capsys.readouterr().out
+    assert f"{config.steps} steps of {config.batch_size} x 128" in out and f"{config.cls_steps} steps of" in out
+    for text in ("domain shift: language modelling", "classification: prose-or-package", "tuned on dev with seed 0",
+                 "one seed is a demonstration", "reading (one seed", "rates were recorded at other settings"):
+        assert text in out, text
+    with pytest.raises(ValueError, match="selection seed"):
+        run_tour(TourConfig.quick(out_dir=str(tmp_path), seed=protocol.SELECTION_SEED))
+
+
+def test_the_recorded_rates_are_complete_and_interior():
+    """The shipped record: made at the tour's own settings, a rate for every row and task, each the best of its
+    dev scores and interior of the rates tried."""
+    from minilora.experiments import protocol
+
+    record = tour.load_rates()
+    default = TourConfig()
+    assert record["settings"] == {k: getattr(default, k) for k in tour.RECORDED_SETTINGS}
+    assert record["selection_seed"] == protocol.SELECTION_SEED and record["split"]["corpus"] == default.corpus
+    assert record["command"].startswith("python -m minilora.tour") and record["seconds"] > 0
+    assert set(record["rows"]) == {row.label for row in tour.rows_of(default)}
+    for label, entry in record["rows"].items():
+        for key, lower_is_better in (("lm", True), ("cls", False)):
+            tuned = entry[key]
+            tried = sorted(float(lr) for lr in tuned["dev_scores"])
+            assert all(lr in protocol.LR_SERIES for lr in tried), label
+            assert tried == [lr for lr in protocol.LR_SERIES if tried[0] <= lr <= tried[-1]], label   # consecutive
+            scores = {float(lr): score for lr, score in tuned["dev_scores"].items()}
+            best = (min if lower_is_better else max)(scores.values())
+            assert scores[tuned["lr"]] == best, (label, key)
+            assert tuned["interior"] and tried[0] < tuned["lr"] < tried[-1], (label, key)
+
+
+def _tour_row(label, method, bits, accuracy, setting):
+    run = finetune.FinetuneRun(label, method, 1, 10, 10.0, None, bits * math.log(2))
+    return tour.TourRow(run, 1e-2, accuracy, 1e-2, setting)
+
+
+def test_the_reading_says_what_the_numbers_say():
+    full = _tour_row("full fine-tuning", "full", 2.50, 0.60, "every weight")
+    short = _tour_row("LoRA r=4", "lora", 2.80, 0.40, "rank 4 on q_proj, v_proj, alpha = 2r")
+    wide = _tour_row("LoRA r=16 every linear", "lora", 2.56, 0.65, "rank 16 on every linear layer, alpha = 2r")
+    text = tour.reading([full, short, wide])
+    assert text.count("\n") == 0 and "one seed" in text
+    assert "falls short (best LoRA r=4: 2.800 vs full 2.500 bits/char)" in text
+    assert "LoRA r=16 every linear reaches 2.560, closing 80% of the gap" in text
+    assert "reaches 0.650, matching or passing full fine-tuning" in text
+    good = _tour_row("LoRA r=4", "lora", 2.40, 0.61, "rank 4 on q_proj, v_proj, alpha = 2r")
+    assert "code domain: LoRA on Wq, Wv (LoRA r=4) reaches full fine-tuning" in tour.reading([full, good, wide])
+
+
+def test_a_row_without_a_recorded_rate_borrows_the_nearest_rank_and_says_so():
+    record = tour.load_rates()
+    lr, note = tour.rate_for(record, tour.Row("LoRA r=2", "lora", 2, ("q_proj", "v_proj")), "lm")
+    assert lr == record["rows"]["LoRA r=1"]["lm"]["lr"] and "LoRA r=1" in note
+    assert tour.rate_for(record, tour.Row("LoRA r=4", "lora", 4, ("q_proj", "v_proj")), "cls") == (
+        record["rows"]["LoRA r=4"]["cls"]["lr"], "")
+    with pytest.raises(ValueError, match="no row like"):
+        tour.rate_for(record, tour.Row("LoRA r=4 on Wk", "lora", 4, ("k_proj",)), "lm")
 
 
 def test_lora_finetuning_moves_only_the_adapters(tmp_path):
@@ -93,9 +189,10 @@ def test_cli_tour_and_studies_fine_tune_through_the_one_recipe(tmp_path, monkeyp
     assert cli.main(["finetune", "--out", str(tmp_path / "cli"), "--steps", "2", "--batch-size", "2", "--quiet",
                      "--method", "full", "--latency-repeats", "0"]) == 0
     assert "bits/char" in capsys.readouterr().out
-    run_tour(TourConfig.quick(out_dir=str(tmp_path / "tour"), ranks=(2,), steps=2, latency_repeats=1))
-    common.run_lora(("q_proj",), 1, 0, common.RunSettings.for_mode(True, steps=2))
-    assert calls == ["full", "full", "lora", "lora"]
+    run_tour(TourConfig.quick(out_dir=str(tmp_path / "tour"), ranks=(2,), wide_rank=0, steps=2, cls_steps=2,
+                              latency_repeats=1))
+    common.run_lora(("q_proj",), 1, 0, common.RunSettings.for_mode(True, steps=2), lr=1e-2, part="dev")
+    assert calls == ["full", "full", "full", "lora", "lora", "lora"]      # the tour: each row on both tasks
 
 
 def test_the_recipe_takes_every_method_and_checks_its_arguments_first(tmp_path):

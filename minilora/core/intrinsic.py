@@ -13,9 +13,14 @@ numbers reaches. P is never stored as a D x d matrix unless asked for ("dense");
 
     dense     Gaussian columns scaled to unit length                       memory D d, time D d
     sparse    very sparse random signs (about sqrt(D) non-zeros a column)  memory d sqrt(D)
-    fastfood  blocks of H G Pi H B (Le, Sarlos and Smola 2013)             memory O(D), time O(D log d)
+    fastfood  stacked blocks S H G Pi H B (Le, Sarlos and Smola 2013)      memory O(D), time O(D log d)
 
-SAID (structure-aware) adds one learned scale per parameter tensor i: theta_i = theta_0,i + lambda_i (P theta_d)_i.
+SAID (structure-aware intrinsic dimension, Aghajanyan et al.) spends the same d trainable numbers differently:
+m of them are one learned scale per parameter tensor, the other d - m are the subspace coordinates,
+
+    theta_i = theta_0,i + lambda_i (P theta_(d-m))_i       i = 1..m, P: (D, d - m)
+
+(see SubspaceModel).
 """
 from __future__ import annotations
 
@@ -106,12 +111,34 @@ class SparseProjection:
 
 
 class FastfoodProjection:
-    """Fastfood: P = [V_1; V_2; ...] truncated to D rows, V_b = s_b H G_b Pi_b H B_b of size n x n, n = 2^k >= d.
+    """Fastfood (Le, Sarlos and Smola 2013) as a (D, d) projection, never formed.
 
-    B_b: random signs; H: Walsh-Hadamard; Pi_b: a random permutation; G_b: Gaussian diagonal. Because H B e_j has
-    entries +-1 and H H = n I, every column of H G Pi H B has squared length n ||G_b||^2, so s_b = 1 / sqrt(n
-    ||G_b||^2 m) (m blocks) gives unit-length columns when n divides D (in expectation otherwise).
-    Memory O(D), time O(D log n); P is never formed.
+    Block size n = the smallest power of two >= d; m = ceil(D / n) blocks. Block b is the n x n matrix
+
+        V_b = S_b H G_b Pi_b H B_b
+
+    with, all n x n: B_b = diag(B[b]) random signs +-1; H the unnormalised Walsh-Hadamard matrix (entries +-1,
+    symmetric, H H = n I; applied by ``fwht``); Pi_b the permutation matrix with (Pi_b x)_i = x_perm[b, i];
+    G_b = diag(G[b]) standard normal; S_b = scale[b] I a scalar. The projection stacks the blocks and keeps
+    the first D rows and the first d columns:
+
+        P = [V_1; V_2; ...; V_m][:D, :d]      i.e. theta_d is padded with n - d zeros, every block maps the same
+                                              padded vector, and the m n outputs are cut to D
+
+    Normalisation. H B_b e_j = B_b,jj (column j of H) has entries +-1, Pi_b keeps them +-1, G_b scales entry k
+    by G_b,k (squared length ||G_b||^2), and H multiplies squared lengths by n (H^T H = n I). So every column
+    of H G_b Pi_b H B_b has squared length exactly n ||G_b||^2, and scale[b] = 1 / sqrt(n ||G_b||^2 m) gives
+    every column of every block squared length 1 / m, and every column of the m n-row stack unit length: the
+    directions have unit length as Li et al.'s dense columns do, so a step in theta_d moves theta by the same
+    distance whatever d and the projection kind. Le et al.'s S is a diagonal that gives the rows the lengths
+    of Gaussian rows (for kernel features); here only the columns matter, so S_b is the scalar above.
+    Truncation to D rows drops the last m n - D (< n) rows, all in the last block: a column of P keeps squared
+    length 1 exactly when n divides D, and 1 minus what the dropped rows held otherwise (D / (m n) on average
+    over the signs of G).
+
+    Stacking blocks of size n ~ d follows Le et al.; the public intrinsic-dimension code instead uses one block
+    with n the power of two >= D (theta_d padded to n). Both are Fastfood matrices; blocks of n ~ d keep each
+    transform short. Memory O(D) (B, G, perm: m n < D + n numbers each); time O(D log n) per product.
     """
 
     def __init__(self, D: int, d: int, seed: int = 0, dtype="float64"):
@@ -167,17 +194,41 @@ def make_projection(kind: str, D: int, d: int, seed: int = 0, dtype="float64"):
 
 
 class SubspaceModel(Module):
-    """Wrap a model so that its only trainable parameters are theta_d (and, with SAID, one lambda per tensor).
+    """Wrap a model so that its only trainable parameters are d numbers: theta_d alone (DID), or theta_d and one
+    lambda per parameter tensor (SAID), d in total either way.
 
-    Every parameter that was trainable in ``model`` moves along P theta_d; ``forward``/``backward`` look like the
-    wrapped model's, so ``train.fit`` and ``train.evaluate`` work unchanged. At theta_d = 0 the wrapped model is
-    exactly the original one.
+    DID (said=False), Li et al.'s "direct intrinsic dimension":
+
+        theta = theta_0 + P theta_d                       theta_d: (d,), P: (D, d)
+
+    SAID (said=True), Aghajanyan, Zettlemoyer and Gupta 2020's structure-aware variant, with m = the number of
+    trainable parameter tensors of ``model`` (each weight and each bias is one tensor i, its slice of the flat
+    theta; the paper's "m = number of layers" is per tensor in the implementations we know):
+
+        theta_i = theta_0,i + lambda_i (P theta_(d-m))_i      theta_d here: (d - m,), lambdas: (m,), P: (D, d - m)
+
+    so the trainable count is (d - m) + m = d, as the paper defines it; d <= m is refused. theta_d starts at 0
+    and every lambda at 1, the start of the public SAID code, and the one that works: at theta_d = 0 the model
+    is the starting one whatever lambda is; with lambda = 1 the first step moves theta_d as DID would
+    (dL/dlambda_i = <dL/dtheta_i, (P theta_d)_i> is 0 there, so the lambdas start moving one step later); and
+    lambda = 0 would freeze both (dL/dtheta_d = P^T (lambda * dL/dtheta) would be 0 too). One P serves every
+    tensor: tensor i's rows of P are its P_i.
+
+    ``forward``/``backward`` look like the wrapped model's, so ``train.fit`` and ``train.evaluate`` work
+    unchanged. At theta_d = 0 the wrapped model is exactly the original one. D, d (the trainable count), m
+    (lambdas: 0 for DID) and said are attributes.
     """
 
     def __init__(self, model: Module, d: int, projection: str = "fastfood", said: bool = False, seed: int = 0):
         params = model.parameters(trainable_only=True)
         if not params:
             raise ValueError("the model has no trainable parameters to reparameterise")
+        if isinstance(d, bool) or not isinstance(d, (int, numpy.integer)) or d < 1:
+            raise ValueError(f"d must be an int >= 1 (the number of trainable numbers); got {d!r}")
+        m = len(params) if said else 0
+        if said and d <= m:
+            raise ValueError(f"SAID trains d numbers in total: one lambda for each of the m = {m} parameter "
+                             f"tensors and d - m subspace coordinates, so it needs d > m; got d = {d}, m = {m}")
         self._model = model
         self._params = params
         self._sizes = [p.size for p in params]
@@ -185,12 +236,12 @@ class SubspaceModel(Module):
         D = int(self._offsets[-1])
         dtype = params[0].data.dtype
         self._theta0 = [p.data.copy() for p in params]
-        self._projection = make_projection(projection, D, d, seed=seed, dtype=dtype)
+        self._projection = make_projection(projection, D, d - m, seed=seed, dtype=dtype)
         xp = backend.get_array_module(params[0].data)
-        self.theta_d = Parameter(xp.zeros(d, dtype=dtype))
-        self.lambdas = Parameter(xp.ones(len(params), dtype=dtype)) if said else None
+        self.theta_d = Parameter(xp.zeros(d - m, dtype=dtype))
+        self.lambdas = Parameter(xp.ones(m, dtype=dtype)) if said else None
         self.config = getattr(model, "config", None)
-        self.D, self.d, self.said = D, d, said
+        self.D, self.d, self.m, self.said = D, int(d), m, said
 
     def generators(self) -> list:
         """The wrapped model's random generators (it is held privately, so the module walk does not see it)."""
@@ -206,10 +257,11 @@ class SubspaceModel(Module):
         return self._projection.project(self.theta_d.data)
 
     def _write_weights(self):
-        """theta_i = theta_0,i + lambda_i (P theta_d)_i for every tensor i of the wrapped model."""
-        offset = self._offset_vector()
+        """theta_i = theta_0,i + lambda_i (P theta_d)_i for every tensor i of the wrapped model (lambda_i = 1
+        for DID)."""
+        offset = self._offset_vector()                                      # (D,) P theta_d
         for i, (p, p0) in enumerate(zip(self._params, self._theta0)):
-            piece = offset[self._offsets[i]:self._offsets[i + 1]].reshape(p.shape)
+            piece = offset[self._offsets[i]:self._offsets[i + 1]].reshape(p.shape)   # (P theta_d)_i
             if self.lambdas is not None:
                 piece = piece * self.lambdas.data[i]
             p.data[...] = p0 + piece
@@ -220,21 +272,22 @@ class SubspaceModel(Module):
         return self._model.forward(idx)
 
     def backward(self, dout):
-        offset = self._pop_cache()
+        offset = self._pop_cache()                                          # (D,) P theta_d of the forward
         for p in self._params:
             p.grad = None
         self._model.backward(dout)
         xp = backend.get_array_module(offset)
         grads = [p.grad.reshape(-1) if p.grad is not None else xp.zeros(p.size, dtype=offset.dtype)
                  for p in self._params]
-        g = xp.concatenate(grads)                                   # dL/dtheta, (D,)
+        g = xp.concatenate(grads)                                           # (D,) dL/dtheta
         if self.lambdas is not None:
-            # fwd: theta_i = theta_0,i + lambda_i (P theta_d)_i
-            dlam = xp.stack([(g[self._offsets[i]:self._offsets[i + 1]] * offset[self._offsets[i]:self._offsets[i + 1]]).sum()
-                             for i in range(len(self._params))])
+            # fwd: theta_i = theta_0,i + lambda_i (P theta_d)_i, so dL/dlambda_i = <dL/dtheta_i, (P theta_d)_i>
+            dlam = xp.stack([g[self._offsets[i]:self._offsets[i + 1]] @ offset[self._offsets[i]:self._offsets[i + 1]]
+                             for i in range(len(self._params))])           # (m,)
             self.lambdas.accumulate_grad(dlam)
+            # ... and dL/d(P theta_d)_i = lambda_i dL/dtheta_i
             g = g * xp.repeat(self.lambdas.data, self._sizes)
-        self.theta_d.accumulate_grad(self._projection.transpose(g))  # fwd: offset = P theta_d
+        self.theta_d.accumulate_grad(self._projection.transpose(g))         # fwd: offset = P theta_d
         for p in self._params:
             p.grad = None
         return None

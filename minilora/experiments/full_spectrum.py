@@ -24,23 +24,38 @@ above the random matrix's, stable rank far below).
 A third column gives the same numbers for the pretrained W itself, so that one can tell whether Delta W is
 low-rank in its own right or merely shares the shape of W's spectrum.
 
-What the tiny model shows (default run; ``summary`` prints the counts and means it rests on). Delta W is far
-from random: in all or nearly all weights its top direction holds several times the Gaussian's energy and its
-stable rank is several times lower. But it is not *very* low-rank: 90% of its energy needs a sizeable share of
-the directions, more in the MLP than in attention, and it is about as concentrated as the pretrained W itself.
+Protocol (protocol.py). Full fine-tuning trains on python-email's training split; its learning rate is chosen
+on dev with the selection seed 0 over a grid around common.RunSettings.full_lr, extended until the best rate is
+interior (common.select_and_report). Each reporting seed (1, 2, 3) then fine-tunes afresh at that rate (scored on
+test), and its Delta W is measured beside its own Gaussian reference. A group's measure (attention: q, k, v, o;
+MLP: fc, proj) is its mean over the group's weights in one run; reported is the mean over the reporting runs
+with its 95% interval. The pretrained W has no seed: its measures are single numbers.
+
+Findings (``findings``), per group: whether Delta W's stable rank lies below the Gaussian's (protocol.verdict:
+one side lower only when the intervals do not overlap), and whether 90% of Delta W's energy lies within the
+ranks LoRA uses (LORA_RANK; protocol.verdict_above).
+
+Cost (default): full fine-tuning tuned (five rates, more if the best is at an edge) and three reporting runs of
+100 steps, and 24 x 3 SVDs per reporting run. ``fast=True``: six steps, three rates, two reporting seeds.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy
 
 from ..io.pretrained import load_pretrained
-from .common import ATTENTION, RunSettings, run_full, weight
+from . import common, protocol
+from .common import ATTENTION, RunSettings, weight
 
 RANKS = (1, 2, 4, 8, 16)
 MLP = ("fc", "proj")
 ENERGY_LEVEL = 0.9          # "rank for 90% of the energy"
+LORA_RANK = 8               # the largest rank the paper's Table 6 needed for LoRA's update on GPT-3
+GROUPS = {"attention": ".attn.", "MLP": ".mlp."}
+GROUP_MEASURES = ("E1", f"E{LORA_RANK}", "stable_rank", "rank_90")   # what a group reports, with intervals
+STUDY = "full-spectrum"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -102,52 +117,145 @@ def spectrum_report(M, ranks=RANKS) -> dict:
 
 @dataclass
 class FullSpectrumResult:
-    """Per weight, the spectrum measures of Delta W, of a Gaussian of the same shape and norm, and of W."""
+    """Per reporting run, the spectrum measures of every weight's Delta W and of a Gaussian of the same shape and
+    norm; the pretrained W's measures; per group, the intervals over the reporting runs."""
 
-    seed: int
+    seeds: list                                   # the reporting seeds
     steps: int
-    lr: float
-    val_before: float
-    val_after: float
+    lr: float                                     # full fine-tuning's rate, chosen on dev
+    tuning: dict                                  # {"interior", "dev_scores": {lr: dev loss}}
+    val_before: float                             # the pretrained model's test loss
+    val_after: dict                               # test loss after fine-tuning: protocol.Interval as a dict
     ranks: list
     names: list
-    weights: dict = field(default_factory=dict)
-    # weights[name] = {"shape": [d, k], "relative_update": ||dW||_F / ||W||_F, "delta": spectrum_report(dW),
-    #                  "random": spectrum_report(Gaussian), "pretrained": spectrum_report(W)}
+    pretrained: dict = field(default_factory=dict)   # {name: spectrum_report(W)}
+    runs: list = field(default_factory=list)
+    # runs[i] = {"seed", "val_after", "weights": {name: {"shape": [d, k], "relative_update": ||dW||_F / ||W||_F,
+    #            "delta": spectrum_report(dW), "random": spectrum_report(Gaussian)}}}
+    groups: dict = field(default_factory=dict)
+    # groups[group] = {"delta": {measure: Interval dict}, "random": {...}, "pretrained": {measure: number}}
+    settings: dict = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    findings: list = field(default_factory=list)
+
+
+def measures(reports) -> dict:
+    """The group measures (GROUP_MEASURES) of a list of spectrum_reports: the means of the top-r energy fraction
+    ("E1": r = 1, ...), of the stable rank and of the directions for 90% of the energy."""
+    reports = list(reports)
+    out = {}
+    for measure in GROUP_MEASURES:
+        if measure.startswith("E"):
+            i = RANKS.index(int(measure[1:]))
+            out[measure] = float(numpy.mean([rep["energy"][i] for rep in reports]))
+        else:
+            out[measure] = float(numpy.mean([rep[measure] for rep in reports]))
+    return out
+
+
+def group_names(names, group: str) -> list:
+    """The weights of ``names`` in one group of GROUPS."""
+    return [name for name in names if GROUPS[group] in name]
+
+
+def group_intervals(result: FullSpectrumResult) -> dict:
+    """Per group: the interval over the reporting runs of each measure of Delta W and of the Gaussian, and the
+    pretrained W's measures."""
+    out = {}
+    for group in GROUPS:
+        names = group_names(result.names, group)
+        if not names:
+            continue
+        entry = {}
+        for key in ("delta", "random"):
+            per_run = [measures(run["weights"][n][key] for n in names) for run in result.runs]
+            entry[key] = {m: dataclasses.asdict(protocol.interval([values[m] for values in per_run]))
+                          for m in per_run[0]}
+        entry["pretrained"] = measures(result.pretrained[n] for n in names)
+        out[group] = entry
+    return out
 
 
 def run(fast: bool = False, seed: int = 0, *, steps: int | None = None) -> FullSpectrumResult:
-    """Full fine-tune the shipped model, then measure the spectrum of every weight's update.
+    """Tune full fine-tuning's learning rate on dev, fine-tune once per reporting seed at that rate, and measure
+    the spectrum of every weight's update beside a Gaussian reference.
 
-    fast: a few steps on small batches (seconds); default: common.RunSettings (100 steps, lr 1e-3).
+    fast: a few steps on small batches (seconds); default: common.RunSettings (100 steps).
     steps: overrides the number of steps of either mode.
+    seed: seeds the Gaussian references (with the run's own seed); the protocol fixes the training seeds.
     """
     settings = RunSettings.for_mode(fast, **({} if steps is None else {"steps": steps}))
-    model, run_ = run_full(seed, settings)
     base = load_pretrained(dropout=0.0)
-    rng = numpy.random.default_rng(seed)
     names = weight_names(base.config.n_layer)
-    weights = {}
-    for name in names:
-        W = weight(base, name)                       # (d, k) pretrained
-        dW = weight(model, name) - W                 # (d, k) what full fine-tuning changed
-        weights[name] = {"shape": list(dW.shape),
-                         "relative_update": float(numpy.linalg.norm(dW) / numpy.linalg.norm(W)),
-                         "delta": spectrum_report(dW),
-                         "random": spectrum_report(gaussian_like(dW, rng)),
-                         "pretrained": spectrum_report(W)}
-    return FullSpectrumResult(seed=seed, steps=settings.steps, lr=settings.full_lr, val_before=run_.val_before,
-                              val_after=run_.val_after, ranks=list(RANKS), names=names, weights=weights)
+    pretrained = {name: spectrum_report(weight(base, name)) for name in names}
+
+    def one(lr, run_seed, part):
+        model, fit = common.run_full(run_seed, settings, lr=lr, part=part)
+        if part == "dev":
+            return fit.val_after
+        rng = numpy.random.default_rng([seed, run_seed])
+        weights = {}
+        for name in names:
+            W = weight(base, name)                       # (d, k) pretrained
+            dW = weight(model, name) - W                 # (d, k) what full fine-tuning changed
+            weights[name] = {"shape": list(dW.shape),
+                             "relative_update": float(numpy.linalg.norm(dW) / numpy.linalg.norm(W)),
+                             "delta": spectrum_report(dW), "random": spectrum_report(gaussian_like(dW, rng))}
+        return fit.val_after, {"seed": run_seed, "val_before": fit.val_before, "val_after": fit.val_after,
+                               "weights": weights}
+
+    report = common.progress_counter(STUDY, fast, len(protocol.report_seeds(fast)))
+    chosen = common.select_and_report(one, common.lr_grid(settings.full_lr, fast), fast, report=report,
+                                      label="full fine-tuning")
+    seeds = protocol.report_seeds(fast)
+    result = FullSpectrumResult(
+        seeds=list(seeds), steps=settings.steps, lr=chosen.tuning.best,
+        tuning={"interior": chosen.tuning.interior,
+                "dev_scores": {f"{lr:g}": v for lr, v in sorted(chosen.tuning.scores.items())}},
+        val_before=common.pretrained_val_loss(settings, "test"), val_after=dataclasses.asdict(chosen.test),
+        ranks=list(RANKS), names=names, pretrained=pretrained, runs=chosen.payloads,
+        settings=dataclasses.asdict(settings),
+        protocol=protocol.protocol_record(common.split(), seeds, {"full fine-tuning": chosen.tuning},
+                                          measures="per group, the mean over its weights in one run; the interval "
+                                                   "is over the reporting runs",
+                                          reference="a Gaussian of each Delta W's shape and norm, drawn per run"))
+    result.groups = group_intervals(result)
+    result.findings = findings(result)
+    return result
+
+
+def findings(result: FullSpectrumResult) -> list:
+    """Per group: Delta W's stable rank against the Gaussian's, and its directions for 90% of the energy against
+    LORA_RANK, each a verdict from the intervals over the reporting runs."""
+    paper = ("hypothesis (section 4.1, after Aghajanyan et al. 2020): the update has a low intrinsic rank; "
+             "no number for full fine-tuning")
+    out = []
+    for group, entry in result.groups.items():
+        delta, random = (protocol.as_interval(entry[k]["stable_rank"]) for k in ("delta", "random"))
+        out.append(protocol.finding(
+            STUDY, f"{group}: full fine-tuning's Delta W has a lower stable rank than a Gaussian of its shape and norm",
+            paper, f"stable rank {delta.text(2)} vs Gaussian {random.text(2)} (pretrained W "
+                   f"{entry['pretrained']['stable_rank']:.2f})",
+            protocol.verdict(delta, random, "Delta W", "Gaussian", lower_is_better=True).replace(" better", " lower")))
+        needed = protocol.as_interval(entry["delta"]["rank_90"])
+        random_needed = protocol.as_interval(entry["random"]["rank_90"])
+        out.append(protocol.finding(
+            STUDY, f"{group}: 90% of Delta W's energy lies within r <= {LORA_RANK}",
+            f"Table 6: r = 1 to {LORA_RANK} suffice for LoRA's update on GPT-3",
+            f"directions for 90% of the energy {needed.text(1)} (Gaussian {random_needed.text(1)}, pretrained W "
+            f"{entry['pretrained']['rank_90']:.1f})",
+            protocol.verdict_above(needed, LORA_RANK, lower_is_better=True)))
+    return out
 
 
 def counts(result: FullSpectrumResult) -> dict:
-    """How many weights show the finding: {"weights", "top1_above_random", "stable_rank_below_random",
-    "stable_rank_below_pretrained"}."""
-    w = [result.weights[n] for n in result.names]
-    return {"weights": len(w),
-            "top1_above_random": sum(x["delta"]["energy"][0] > x["random"]["energy"][0] for x in w),
-            "stable_rank_below_random": sum(x["delta"]["stable_rank"] < x["random"]["stable_rank"] for x in w),
-            "stable_rank_below_pretrained": sum(x["delta"]["stable_rank"] < x["pretrained"]["stable_rank"] for x in w)}
+    """Over every (reporting run, weight): {"weights" (per run), "cases", "top1_above_random",
+    "stable_rank_below_random", "stable_rank_below_pretrained"}."""
+    cases = [(run["weights"][n], result.pretrained[n]) for run in result.runs for n in result.names]
+    return {"weights": len(result.names), "cases": len(cases),
+            "top1_above_random": sum(x["delta"]["energy"][0] > x["random"]["energy"][0] for x, _ in cases),
+            "stable_rank_below_random": sum(x["delta"]["stable_rank"] < x["random"]["stable_rank"] for x, _ in cases),
+            "stable_rank_below_pretrained": sum(x["delta"]["stable_rank"] < w["stable_rank"] for x, w in cases)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,16 +268,15 @@ def _short(name: str) -> str:
     return f"h{parts[1]} {parts[3].replace('_proj', '')}"
 
 
-def _means(group, key) -> dict:
-    """Means over a group of weights of one spectrum_report ("delta", "random" or "pretrained")."""
-    reports = [w[key] for w in group]
-    return {"energy": numpy.mean([r["energy"] for r in reports], axis=0).tolist(),
-            "stable_rank": float(numpy.mean([r["stable_rank"] for r in reports])),
-            "rank_90": float(numpy.mean([r["rank_90"] for r in reports]))}
+def _per_weight(result: FullSpectrumResult, name: str, key: str, pick) -> protocol.Interval:
+    """The interval over the reporting runs of pick(spectrum_report) for one weight's Delta W or Gaussian."""
+    return protocol.interval([pick(run["weights"][name][key]) for run in result.runs])
 
 
 def plot(result: FullSpectrumResult, path) -> None:
-    """Two panels: cumulative energy against r for every Delta W (and the references), stable rank per weight."""
+    """Two panels: cumulative energy against r for every Delta W of every reporting run (and the references);
+    stable rank per weight, Delta W and Gaussian as means with error bars the 95% intervals over the reporting
+    runs, W as its single value."""
     from ..plots import new_figure, save_figure
 
     fig, (ax_e, ax_s) = new_figure(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [1, 1.6]})
@@ -179,67 +286,83 @@ def plot(result: FullSpectrumResult, path) -> None:
         return numpy.cumsum(S2) / S2.sum()
 
     seen = set()
+
+    def draw(S, style, color, label, alpha):
+        c = cumulative(S)
+        ax_e.plot(numpy.arange(1, c.size + 1), c, style, color=color, lw=0.8, alpha=alpha,
+                  label=label if label not in seen else None)
+        seen.add(label)
+
     for name in result.names:
-        w = result.weights[name]
         kind = "attention" if ".attn." in name else "MLP"
-        for key, style, color, label in (("delta", "-", "C0" if kind == "attention" else "C2", f"Delta W, {kind}"),
-                                         ("pretrained", "-", "C1", "pretrained W"),
-                                         ("random", "--", "grey", "Gaussian, same shape and norm")):
-            c = cumulative(w[key]["singular_values"])
-            show = label not in seen
-            seen.add(label)
-            ax_e.plot(numpy.arange(1, c.size + 1), c, style, color=color, lw=0.8,
-                      alpha=0.9 if key == "delta" else 0.35, label=label if show else None)
+        for run in result.runs:
+            w = run["weights"][name]
+            draw(w["delta"]["singular_values"], "-", "C0" if kind == "attention" else "C2", f"Delta W, {kind}", 0.6)
+            draw(w["random"]["singular_values"], "--", "grey", "Gaussian, same shape and norm", 0.25)
+        draw(result.pretrained[name]["singular_values"], "-", "C1", "pretrained W", 0.35)
     ax_e.set_xscale("log", base=2)
-    ax_e.set(title=f"energy in the top r directions (full fine-tuning, {result.steps} steps)", xlabel="r",
-             ylabel="sum of top-r S^2 / sum of S^2", ylim=(0, 1.02))
+    ax_e.set(title=f"energy in the top r directions (full fine-tuning, {result.steps} steps, lr {result.lr:g}, "
+                   f"seeds {result.seeds})", xlabel="r", ylabel="sum of top-r S^2 / sum of S^2", ylim=(0, 1.02))
+    ax_e.title.set_fontsize(9)
     ax_e.legend(fontsize=8)
 
     x = numpy.arange(len(result.names))
     width = 0.27
     for i, (key, color, label) in enumerate((("delta", "C0", "Delta W"), ("pretrained", "C1", "pretrained W"),
                                              ("random", "grey", "Gaussian"))):
-        ax_s.bar(x + (i - 1) * width, [result.weights[n][key]["stable_rank"] for n in result.names], width,
-                 color=color, label=label)
+        if key == "pretrained":
+            ax_s.bar(x + (i - 1) * width, [result.pretrained[n]["stable_rank"] for n in result.names], width,
+                     color=color, label=label)
+            continue
+        intervals = [_per_weight(result, n, key, lambda rep: rep["stable_rank"]) for n in result.names]
+        ax_s.bar(x + (i - 1) * width, [t.mean for t in intervals], width, color=color, label=label,
+                 yerr=[[t.mean - t.low for t in intervals], [t.high - t.mean for t in intervals]], capsize=2)
     ax_s.set_xticks(x, [_short(n) for n in result.names], rotation=90, fontsize=8)
-    ax_s.set(title="stable rank ||M||_F^2 / ||M||_2^2", ylabel="stable rank")
+    ax_s.set(title="stable rank ||M||_F^2 / ||M||_2^2 (95% intervals over the reporting runs)", xlabel="weight",
+             ylabel="stable rank")
     ax_s.legend(fontsize=8)
     save_figure(fig, path)
 
 
 def summary(result: FullSpectrumResult) -> str:
-    """The per-weight numbers as a text table, then the counts and the means."""
+    """The protocol line, the per-weight means over the reporting runs, the group intervals, the counts and the
+    findings with their verdicts."""
     ranks = result.ranks
     shown = [i for i, r in enumerate(ranks) if r in (1, 4, 16)]
     head = "  ".join(f"{'E' + str(ranks[i]) + ' dW/rand':>12}" for i in shown)
-    lines = [(f"Full fine-tuning's Delta W: {result.steps} steps, lr {result.lr:g}, seed {result.seed}; "
-              f"validation loss {result.val_before:.4f} -> {result.val_after:.4f}"),
+    after = protocol.as_interval(result.val_after)
+    edge = "" if result.tuning["interior"] else " (at the edge of the rates tried)"
+    lines = [(f"Full fine-tuning's Delta W: {result.steps} steps, lr {result.lr:g}{edge} chosen on dev (seed "
+              f"{protocol.SELECTION_SEED}) of {', '.join(result.tuning['dev_scores'])}; reported on test with seeds "
+              f"{result.seeds}: loss {result.val_before:.4f} -> {after}"),
              "E_r: energy fraction of the top r directions; sr: stable rank; r90: directions for 90% of the energy",
-             "",
+             f"per weight: means over the {len(result.runs)} reporting runs", "",
              f"{'weight':<7} {'shape':>8} {'|dW|/|W|':>8}  {head}  {'sr dW / W / rand':>18}  {'r90 dW/rand':>11}"]
     for name in result.names:
-        w = result.weights[name]
-        d, r_, p = w["delta"], w["random"], w["pretrained"]
-        energies = "  ".join(f"{d['energy'][i]:>5.3f}/{r_['energy'][i]:<6.3f}" for i in shown)
-        lines.append(f"{_short(name):<7} {'x'.join(map(str, w['shape'])):>8} {w['relative_update']:>8.4f}  "
-                     f"{energies}  {d['stable_rank']:>5.1f} / {p['stable_rank']:>4.1f} / {r_['stable_rank']:>4.1f}  "
-                     f"{d['rank_90']:>4}/{r_['rank_90']}")
+        ws = [run["weights"][name] for run in result.runs]
+        mean = lambda key, pick: float(numpy.mean([pick(w[key]) for w in ws]))
+        energies = "  ".join(f"{mean('delta', lambda s: s['energy'][i]):>5.3f}/"
+                             f"{mean('random', lambda s: s['energy'][i]):<6.3f}" for i in shown)
+        lines.append(f"{_short(name):<7} {'x'.join(map(str, ws[0]['shape'])):>8} "
+                     f"{float(numpy.mean([w['relative_update'] for w in ws])):>8.4f}  {energies}  "
+                     f"{mean('delta', lambda s: s['stable_rank']):>5.1f} / "
+                     f"{result.pretrained[name]['stable_rank']:>4.1f} / "
+                     f"{mean('random', lambda s: s['stable_rank']):>4.1f}  "
+                     f"{mean('delta', lambda s: s['rank_90']):>4.0f}/{mean('random', lambda s: s['rank_90']):.0f}")
+    lines += ["", "per group: mean over its weights, 95% interval over the reporting runs"]
+    for group, entry in result.groups.items():
+        for measure in GROUP_MEASURES:
+            digits = 3 if measure.startswith("E") else 1
+            delta, random = (protocol.as_interval(entry[key][measure]).text(digits) for key in ("delta", "random"))
+            lines.append(f"  {group:<9} {measure:<11} Delta W {delta}   Gaussian {random}"
+                         f"   W {entry['pretrained'][measure]:.{digits}f}")
     c = counts(result)
-    lines += ["", "means over the weights:"]
-    for kind, test in (("attention", ".attn."), ("MLP", ".mlp.")):
-        group = [result.weights[n] for n in result.names if test in n]
-        if not group:
-            continue
-        m = {key: _means(group, key) for key in ("delta", "random", "pretrained")}
-        energies = "  ".join(f"E{r} {m['delta']['energy'][i]:.3f} (rand {m['random']['energy'][i]:.3f}, "
-                             f"W {m['pretrained']['energy'][i]:.3f})" for i, r in enumerate(ranks) if r in (1, 8))
-        lines.append(f"  {kind:<9} {energies}")
-        lines.append(f"  {'':<9} stable rank {m['delta']['stable_rank']:.1f} (rand {m['random']['stable_rank']:.1f}, "
-                     f"W {m['pretrained']['stable_rank']:.1f}); r90 {m['delta']['rank_90']:.0f} "
-                     f"(rand {m['random']['rank_90']:.0f})")
     lines.append("")
     for key, text in (("top1_above_random", "top-1 energy of Delta W above the Gaussian's"),
                       ("stable_rank_below_random", "stable rank of Delta W below the Gaussian's"),
                       ("stable_rank_below_pretrained", "stable rank of Delta W below W's own")):
-        lines.append(f"{text + ':':<45} {c[key]}/{c['weights']} weights")
+        lines.append(f"{text + ':':<45} {c[key]}/{c['cases']} (run, weight) pairs")
+    lines += ["", "findings:"]
+    lines += [f"- {f['claim']}: {f['verdict']}\n    ours: {f['ours']}\n    paper: {f['paper']}"
+              for f in result.findings]
     return "\n".join(lines)

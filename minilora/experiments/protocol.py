@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -94,6 +95,7 @@ def _t_cdf(t: float, df: int) -> float:
     return 0.5 + total * h / 3
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile of Student's t with df >= 1 degrees of freedom (bisection on the distribution function)."""
     if not 0.5 <= p < 1 or df < 1:
@@ -242,12 +244,13 @@ def finding(study: str, claim: str, paper: str, ours: str, verdict_text: str) ->
     return {"study": study, "claim": claim, "paper": paper, "ours": ours, "verdict": verdict_text}
 
 
-def protocol_record(split: Split | None, report_seeds, tunings: dict | None = None, **extra) -> dict:
-    """What a study's result.json records about its design: the split, the seeds, every tuning."""
+def protocol_record(split, report_seeds, tunings: dict | None = None, **extra) -> dict:
+    """What a study's result.json records about its design: the split (a Split, or a dict or sentence that
+    declares another data set's split, or None), the seeds, every tuning."""
     record = {"selection_seed": SELECTION_SEED, "report_seeds": list(report_seeds),
               "confidence": CONFIDENCE, "verdict_rule": "better only when the 95% intervals do not overlap"}
     if split is not None:
-        record["split"] = split.declaration()
+        record["split"] = split.declaration() if isinstance(split, Split) else split
     if tunings:
         record["tuning"] = {name: {"best": t.best, "interior": t.interior, "lower_is_better": t.lower_is_better,
                                    "dev_scores": {f"{lr:g}": s for lr, s in sorted(t.scores.items())}}

@@ -27,50 +27,57 @@ larger r adds directions but spreads the same step over them, so extra rank buys
 sqrt(r) the decrease grows like sqrt(r) and ||dW|| stays put: at a fixed lr, higher ranks take larger
 effective steps. At r = 1 the two scalings are the same (s = alpha); at rank r, early in training, B is
 nearly the same in both runs, so rsLoRA's dW is standard LoRA's times sqrt(r), the ratio of the scales.
-The study measures that (``update_norm``) beside the losses.
+With Adam, then, the scale acts much like a factor on the learning rate: one lr for every rank confounds the
+scaling rule with the effective step size, and a rate tuned per rank can undo much of the difference.
 
-The study fine-tunes the shipped tiny GPT on the python-email corpus with LoRA on (q_proj, v_proj) at each
-r in RANKS, once with s = alpha / r and once with s = alpha / sqrt(r), the same alpha (ALPHA = 8), the same
-lr (common.RunSettings: 1e-2, warmup 10 steps then cosine to 1e-3), seed, batches and steps. It records the
-validation-loss curve of every run, the final loss (the curve's last point), the update's size ||s B A||_F
-(mean over the adapted layers), and, per scaling, the final loss at the largest rank minus at the smallest
-(negative: rank helped; about 0 or positive: "learning slows as r grows" wins).
+The study separates the two. LoRA on (q_proj, v_proj) of the shipped tiny GPT, python-email's declared split
+(common.split: train on train, select on dev, report on test), ALPHA = 8 for both rules, ranks RANKS:
 
-Validation: the first 128 windows (16k characters) of the python-email validation text, the windows of
-common.pretrained_val_loss with the default settings, at every point of every curve (16 batches of the
-training batch size 8, which is how fit() batches its evaluations).
+  1. Tuned comparison. At every rank, each rule gets its own learning rate, chosen on dev with the selection
+     seed (common.tuned_lora: the 1-3-10 grid around common.RunSettings.lora_lr, extended until interior),
+     then one run per reporting seed on test; the verdict per rank (rsLoRA against standard) comes from the
+     two 95% intervals (protocol.verdict). r = 1 is the same run under both rules (s = alpha) and is tuned once.
+  2. Learning curves at one fixed rate: the rate tuned at r = 1 (where the rules coincide), held fixed as r
+     grows, as a practitioner who tunes once and then raises the rank would. Every rank under both rules,
+     one run per reporting seed on test, the test loss every CURVE_EVAL_EVERY steps (fit's eval_every). The
+     improvement over the pretrained model at the end of the curve, and the ratio of the improvement at the
+     largest rank to that at the smallest rank where the rules differ (RATIO_RANKS: 64 against 4), per seed,
+     with its interval: a ratio above 1 means the larger rank learned more at the same rate; the paper's
+     "standard scaling collapses" predicts a ratio near or below 1 under alpha / r and above 1 under rsLoRA.
+     The size of the update ||s B A||_F (mean over the adapted layers) is recorded beside it.
 
-Cost (default): r = 1, 4, 16, 64 (64 = n_embd / 2, the paper's largest) under both scalings, 240 steps of 8
-windows each, validation every 30 steps: 9 points per curve. r = 1 is trained once and shared, since both
-scalings give s = alpha there, so 7 runs: about 3-4 minutes on 2 free CPU cores. ``fast=True``: r = 1 and 16,
-6 steps of 4 windows, validation on 4 windows every 2 steps: a few seconds.
+Scores are test cross-entropy in nats per character on the first eval_batches x batch_size windows of the
+test half (common.RunSettings: 16 x 8 = 128 windows), the same windows at every point of every curve.
 
-What the tiny model shows (default run, one seed; ``summary`` computes each point from the run's numbers):
-higher rank lowers the final loss under both scalings, so standard LoRA does not slow down in absolute terms,
-but it gains less than rsLoRA, which ends lower at the largest rank. The ratio of the two ||dW|| is near
-sqrt(r) after a few steps (the fast mode) but far below it after the full run: the early-training argument
-above holds only early.
+Cost (default, 100 steps of 8 windows per run): tuning 7 configurations (r = 1 once, then 4, 16, 64 under
+both rules) of about 5 to 7 dev runs each plus 3 test runs each, and 7 x 3 curve runs: about 90 runs.
+``fast=True``: r = 1, 4, 16, 6 steps of 4 windows, the fast grid and 2 reporting seeds: seconds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy
 
 from ..core.lora import lora_modules
-from . import common
+from ..io.pretrained import load_pretrained
+from . import common, protocol
 
+STUDY = "rslora"
 RANKS = (1, 4, 16, 64)
-FAST_RANKS = (1, 16)
+FAST_RANKS = (1, 4, 16)
 ALPHA = 8.0
 TARGETS = ("q_proj", "v_proj")
-STEPS, EVAL_EVERY = 240, 30
-FAST_EVAL_EVERY = 2
+CURVE_EVAL_EVERY = 10
+FAST_CURVE_EVAL_EVERY = 2
 SCALINGS = {"standard": False, "rslora": True}    # label -> LoRAConfig.use_rslora
 LABELS = {"standard": "s = alpha / r", "rslora": "s = alpha / sqrt(r) (rsLoRA)"}
+PAPER_TUNED = "rsLoRA lower loss at large r (one lr for all ranks; Kalajdzievski 2023, Fig. 2)"
+PAPER_RATIO = {"standard": "about 1: larger r does not learn more (gradient collapse)",
+               "rslora": "above 1: larger r learns more"}
 
 
 def scale_for(scaling: str, r: int, alpha: float) -> float:
@@ -80,26 +87,42 @@ def scale_for(scaling: str, r: int, alpha: float) -> float:
     return alpha / math.sqrt(r) if SCALINGS[scaling] else alpha / r
 
 
+def ratio_ranks(ranks) -> tuple:
+    """(reference, largest): the smallest rank where the two rules differ (the second rank; the first is 1) and
+    the largest rank."""
+    if len(ranks) < 3 or ranks[0] != 1:
+        raise ValueError(f"ranks must start at 1 and hold at least 3 ranks; got {list(ranks)}")
+    return ranks[1], ranks[-1]
+
+
 # ----------------------------------------------------------------------------------------------------
 # the study
 
 
 @dataclass
 class RsLoRAResult:
-    """The numbers of the study. Every {scaling: [...]} list follows ``ranks``; losses are validation
-    cross-entropy in nats per character."""
+    """The numbers of the study. Every {scaling: [...]} list follows ``ranks``; losses are test cross-entropy
+    in nats per character; intervals are protocol.Interval dicts over the reporting seeds."""
 
     ranks: list                                        # [1, 4, 16, 64]
     alpha: float
     targets: list                                      # ["q_proj", "v_proj"]
-    pretrained_loss: float                             # where every curve starts (step 0), same windows
+    pretrained_loss: float                             # where every curve starts (step 0), same test windows
+    tuned: dict = field(default_factory=dict)          # {scaling: [common.tuned_lora dict per rank]}
+    tuned_verdicts: list = field(default_factory=list)  # per rank: rsLoRA against standard, each at its own lr
+    fixed_lr: float = 0.0                              # the curves' one rate: tuned at r = 1
     scales: dict = field(default_factory=dict)         # {scaling: [s of the trained LoRALinear layers]}
-    curves: dict = field(default_factory=dict)         # {scaling: [[[step, loss], ...] per rank]}
-    final_loss: dict = field(default_factory=dict)     # {scaling: [loss after training = curve's end]}
-    update_norm: dict = field(default_factory=dict)    # {scaling: [mean over layers of ||s B A||_F]}
-    rank_gain: dict = field(default_factory=dict)      # {scaling: final loss at max(ranks) - at min(ranks)}
+    curves: dict = field(default_factory=dict)         # {scaling: [[[[step, loss], ...] per seed] per rank]}
+    final_loss: dict = field(default_factory=dict)     # {scaling: [Interval of the curves' last point]}
+    improvement: dict = field(default_factory=dict)    # {scaling: [Interval of pretrained - final]}
+    rank_gain_ratio: dict = field(default_factory=dict)  # {scaling: Interval of improvement(hi) / improvement(ref)}
+    ratio_ranks: list = field(default_factory=list)    # [ref, hi]
+    update_norm: dict = field(default_factory=dict)    # {scaling: [mean over seeds and layers of ||s B A||_F]}
     shared: list = field(default_factory=list)         # ranks trained once for both scalings (s is the same)
-    settings: dict = field(default_factory=dict)       # common.RunSettings as a dict
+    settings: dict = field(default_factory=dict)       # common.RunSettings of the tuned runs, as a dict
+    curve_settings: dict = field(default_factory=dict)  # ... of the curve runs (eval_every set)
+    protocol: dict = field(default_factory=dict)
+    findings: list = field(default_factory=list)
 
 
 def _trained_scale(model) -> float:
@@ -115,41 +138,90 @@ def _update_norm(model) -> float:
                              for name, _ in lora_modules(model)]))
 
 
-def run(fast: bool = False, seed: int = 0) -> RsLoRAResult:
-    """Train LoRA at every rank under both scalings (same alpha, lr, seed, batches); collect the curves."""
-    settings = (common.RunSettings.for_mode(True, eval_every=FAST_EVAL_EVERY) if fast else
-                common.RunSettings.for_mode(False, steps=STEPS, eval_every=EVAL_EVERY))
-    ranks = FAST_RANKS if fast else RANKS
-    pretrained = common.pretrained_val_loss(settings)   # step 0 of every curve, on the curves' windows
-    result = RsLoRAResult(ranks=list(ranks), alpha=ALPHA, targets=list(TARGETS),
-                          pretrained_loss=pretrained, settings=asdict(settings))
-    for key in ("scales", "curves", "final_loss", "update_norm"):
-        getattr(result, key).update({scaling: [] for scaling in SCALINGS})
-    total = sum(1 for r in ranks for scaling in SCALINGS
-                if scaling == "standard" or scale_for("rslora", r, ALPHA) != scale_for("standard", r, ALPHA))
-    done = 0
+def _configurations(ranks):
+    """[(r, scaling, shared_with)]: every rank under both rules; shared_with names the rule whose run this one
+    is (same scale, same run), else None."""
+    out = []
     for r in ranks:
-        previous = None                    # (scale, measurements) of this rank's runs so far
-        for scaling, use_rslora in SCALINGS.items():
-            if previous is not None and previous[0] == scale_for(scaling, r, ALPHA):
-                measured = previous[1]     # the same scale, seed and batches: the same run
-                result.shared.append(r)
-            else:
-                model, finetune_run = common.run_lora(TARGETS, r, seed, settings, alpha=ALPHA, use_rslora=use_rslora)
-                curve = [[int(s), float(v)] for s, v in finetune_run.val_curve]
-                assert curve[-1][0] == settings.steps, "the curve must end at the last step"
-                measured = {"scale": _trained_scale(model), "curve": curve, "final": curve[-1][1],
-                            "norm": _update_norm(model)}
-                previous = (measured["scale"], measured)
-                done += 1
-                if not fast:
-                    print(f"rslora [{done}/{total}] {scaling} r={r} s={measured['scale']:.3g}: "
-                          f"{measured['final']:.4f}", file=sys.stderr, flush=True)
-            result.scales[scaling].append(measured["scale"])
-            result.curves[scaling].append(measured["curve"])
-            result.final_loss[scaling].append(measured["final"])
-            result.update_norm[scaling].append(measured["norm"])
-    result.rank_gain = {scaling: losses[-1] - losses[0] for scaling, losses in result.final_loss.items()}
+        out.append((r, "standard", None))
+        same = scale_for("rslora", r, ALPHA) == scale_for("standard", r, ALPHA)
+        out.append((r, "rslora", "standard" if same else None))
+    return out
+
+
+def _tuning_of(tuned: dict) -> protocol.Tuning:
+    """The protocol.Tuning that common.tuned_lora's dict describes."""
+    return protocol.Tuning(best=tuned["lr"], scores={float(lr): v for lr, v in tuned["dev_scores"].items()},
+                           interior=tuned["interior"], lower_is_better=True)
+
+
+def run(fast: bool = False, seed: int = 0) -> RsLoRAResult:
+    """The tuned comparison at every rank, then the learning curves at one fixed rate (see the module docstring).
+    ``seed`` is accepted for the CLI; the protocol fixes the seeds (selection 0, reporting protocol.report_seeds)."""
+    settings = common.RunSettings.for_mode(fast)
+    curve_settings = dataclasses.replace(settings, eval_every=FAST_CURVE_EVAL_EVERY if fast else CURVE_EVAL_EVERY)
+    ranks = FAST_RANKS if fast else RANKS
+    seeds = protocol.report_seeds(fast)
+    base = load_pretrained(dropout=0.0).config
+    configurations = _configurations(ranks)
+    own_runs = sum(1 for *_, shared in configurations if shared is None)
+    report = common.progress_counter(STUDY, fast, 2 * own_runs * len(seeds))
+    pretrained = common.pretrained_val_loss(settings, "test")   # step 0 of every curve, on the curves' windows
+    result = RsLoRAResult(ranks=list(ranks), alpha=ALPHA, targets=list(TARGETS), pretrained_loss=pretrained,
+                          settings=asdict(settings), curve_settings=asdict(curve_settings),
+                          ratio_ranks=list(ratio_ranks(ranks)))
+    for key in ("tuned", "scales", "curves", "final_loss", "improvement", "update_norm"):
+        getattr(result, key).update({scaling: [] for scaling in SCALINGS})
+
+    # 1. each rule at each rank with its own rate, tuned on dev, reported on test
+    for r, scaling, shared in configurations:
+        if shared is not None:
+            result.tuned[scaling].append(result.tuned[shared][-1])
+            result.shared.append(r)
+            continue
+        trainable = common.attention_lora_parameters(r, TARGETS, base.n_layer, base.n_embd)
+        result.tuned[scaling].append(common.tuned_lora(f"{scaling} alpha={ALPHA:g}", TARGETS, r, settings, fast,
+                                                       trainable, alpha=ALPHA, use_rslora=SCALINGS[scaling],
+                                                       report=report))
+    for i, r in enumerate(ranks):
+        result.tuned_verdicts.append(protocol.verdict(result.tuned["rslora"][i]["test"],
+                                                      result.tuned["standard"][i]["test"], "rsLoRA", "standard",
+                                                      lower_is_better=True))
+
+    # 2. the curves at the rate tuned at r = 1, held fixed
+    result.fixed_lr = result.tuned["standard"][0]["lr"]
+    measured = {}
+    for r, scaling, shared in configurations:
+        if shared is None:
+            runs = []
+            for s in seeds:
+                model, finetune_run = common.run_lora(TARGETS, r, s, curve_settings, alpha=ALPHA,
+                                                      use_rslora=SCALINGS[scaling], lr=result.fixed_lr, part="test")
+                curve = [[int(step), float(v)] for step, v in finetune_run.val_curve]
+                assert curve[-1][0] == curve_settings.steps, "the curve must end at the last step"
+                runs.append({"scale": _trained_scale(model), "curve": curve, "norm": _update_norm(model)})
+                report(f"curve {scaling} r={r} lr {result.fixed_lr:g} seed {s}: {curve[-1][1]:.4f} (test)")
+            measured[r, scaling] = runs
+        runs = measured[r, shared or scaling]
+        finals = [one["curve"][-1][1] for one in runs]
+        result.scales[scaling].append(runs[0]["scale"])
+        result.curves[scaling].append([one["curve"] for one in runs])
+        result.final_loss[scaling].append(asdict(protocol.interval(finals)))
+        result.improvement[scaling].append(asdict(protocol.interval([pretrained - f for f in finals])))
+        result.update_norm[scaling].append(float(numpy.mean([one["norm"] for one in runs])))
+    ref, hi = ranks.index(result.ratio_ranks[0]), ranks.index(result.ratio_ranks[1])
+    for scaling in SCALINGS:
+        gains = [[pretrained - curve[-1][1] for curve in result.curves[scaling][k]] for k in (ref, hi)]
+        result.rank_gain_ratio[scaling] = asdict(protocol.interval([g_hi / g_ref for g_ref, g_hi in zip(*gains)]))
+
+    tunings = {f"{scaling} r={r}": _tuning_of(result.tuned[scaling][i])
+               for i, r in enumerate(ranks) for scaling in SCALINGS if not (scaling == "rslora" and r in result.shared)}
+    result.protocol = protocol.protocol_record(
+        common.split(), seeds, tunings, alpha=ALPHA, targets=list(TARGETS),
+        tuned_runs="each rule and rank: lr tuned on dev (seed 0), one test run per reporting seed",
+        curves=f"lr fixed at the rate tuned at r = 1 ({result.fixed_lr:g}); test loss every "
+               f"{curve_settings.eval_every} steps; one run per reporting seed")
+    result.findings = findings_of(result)
     return result
 
 
@@ -157,59 +229,117 @@ def run(fast: bool = False, seed: int = 0) -> RsLoRAResult:
 # reading the result
 
 
-def findings(result: RsLoRAResult) -> list:
-    """What this run shows (sentences computed from the numbers, not asserted)."""
-    lines = []
-    lo, hi = result.ranks[0], result.ranks[-1]
-    for scaling, gain in result.rank_gain.items():
-        verb = "lowers" if gain < 0 else "raises"
-        lines.append(f"{LABELS[scaling]}: going from r={lo} to r={hi} {verb} the final loss by {abs(gain):.4f}")
-    std, rs = result.final_loss["standard"][-1], result.final_loss["rslora"][-1]
-    lines.append(f"at r={hi}: rsLoRA {rs:.4f} vs standard {std:.4f} "
-                 f"({'rsLoRA lower' if rs < std else 'standard lower or equal'} by {abs(std - rs):.4f})")
-    ratios = [n_rs / n_std for n_rs, n_std in zip(result.update_norm["rslora"], result.update_norm["standard"])]
-    lines.append("||dW|| rsLoRA / standard: " + ", ".join(
-        f"r={r}: {q:.2f} (sqrt(r) = {math.sqrt(r):.2f})" for r, q in zip(result.ranks, ratios)))
-    return lines
+def against_one(ratio) -> str:
+    """Where a ratio's interval stands against 1: "above 1", "below 1" or "not distinguishable"."""
+    text = protocol.verdict_above(ratio, 1.0, lower_is_better=False)
+    return {"meets": "above 1", "misses": "below 1"}.get(text, text)
+
+
+def findings_of(result: RsLoRAResult) -> list:
+    """The claims this study tests (protocol.finding dicts), each verdict from the 95% intervals."""
+    out = []
+    for i, r in enumerate(result.ranks):
+        if r in result.shared:
+            continue
+        rs, std = (protocol.as_interval(result.tuned[s][i]["test"]) for s in ("rslora", "standard"))
+        out.append(protocol.finding(
+            STUDY, f"r={r}: rsLoRA vs standard LoRA, each with its own lr tuned on dev (test loss, nats/char)",
+            PAPER_TUNED, f"rsLoRA {rs.text()} (lr {result.tuned['rslora'][i]['lr']:g}) vs standard {std.text()} "
+                         f"(lr {result.tuned['standard'][i]['lr']:g})", result.tuned_verdicts[i]))
+    ref, hi = result.ratio_ranks
+    for scaling in SCALINGS:
+        ratio = protocol.as_interval(result.rank_gain_ratio[scaling])
+        out.append(protocol.finding(
+            STUDY, f"{LABELS[scaling]}, one lr for all ranks ({result.fixed_lr:g}): improvement over the pretrained "
+                   f"model at r={hi} / at r={ref}", PAPER_RATIO[scaling], ratio.text(3), against_one(ratio)))
+    out.append(protocol.finding(
+        STUDY, f"one lr for all ranks: rank gain ratio (r={hi} / r={ref}), rsLoRA vs standard",
+        "rsLoRA gains more from rank", f"rsLoRA {protocol.as_interval(result.rank_gain_ratio['rslora']).text(3)} vs "
+                                       f"standard {protocol.as_interval(result.rank_gain_ratio['standard']).text(3)}",
+        protocol.verdict(result.rank_gain_ratio["rslora"], result.rank_gain_ratio["standard"], "rsLoRA", "standard",
+                         lower_is_better=False)))
+    return out
 
 
 def summary(result: RsLoRAResult) -> str:
-    s = result.settings
-    head = (f"rsLoRA: alpha = {result.alpha:g}, lr = {s['lora_lr']:g}, {s['steps']} steps of {s['batch_size']} "
-            f"windows, LoRA on {', '.join(result.targets)}; validation loss (nats/char), pretrained "
-            f"{result.pretrained_loss:.4f}")
-    rows = [head, "",
-            f"{'r':>4} | {'s=a/r':>7} {'final':>8} {'||dW||':>8} | {'s=a/sqrt(r)':>11} {'final':>8} {'||dW||':>8}"]
+    s, c = result.settings, result.curve_settings
+    seeds = result.protocol.get("report_seeds", [])
+    split = result.protocol.get("split", {})
+    lrs = "; ".join(f"{scaling} " + ", ".join(f"r={r}: {t['lr']:g}{'' if t['interior'] else ' (edge)'}"
+                                              for r, t in zip(result.ranks, result.tuned[scaling]))
+                    for scaling in SCALINGS)
+    rows = [f"rsLoRA against standard LoRA scaling: alpha = {result.alpha:g}, LoRA on {', '.join(result.targets)}, "
+            f"{s['steps']} steps of {s['batch_size']} windows; test loss (nats/char), pretrained "
+            f"{result.pretrained_loss:.4f}",
+            f"protocol: train on {split.get('corpus', '?')} train, lr chosen on dev (seed "
+            f"{result.protocol.get('selection_seed', 0)}), reported on test over seeds {seeds} (mean [95% CI])",
+            f"tuned lrs: {lrs}", "",
+            "1. each rule at its own tuned lr:",
+            f"{'r':>4} | {'s=a/r':>7} {'lr':>7} {'test loss':>26} | {'s=a/sqrt(r)':>11} {'lr':>7} {'test loss':>26} | "
+            f"verdict"]
     for i, r in enumerate(result.ranks):
-        rows.append(f"{r:>4} | {result.scales['standard'][i]:>7.3g} {result.final_loss['standard'][i]:>8.4f} "
+        std, rs = result.tuned["standard"][i], result.tuned["rslora"][i]
+        rows.append(f"{r:>4} | {scale_for('standard', r, result.alpha):>7.3g} {std['lr']:>7g} "
+                    f"{protocol.as_interval(std['test']).text():>26} | {scale_for('rslora', r, result.alpha):>11.3g} "
+                    f"{rs['lr']:>7g} {protocol.as_interval(rs['test']).text():>26} | "
+                    f"{'(one run: s is the same)' if r in result.shared else result.tuned_verdicts[i]}")
+    ref, hi = result.ratio_ranks
+    rows += ["", f"2. one lr for every rank ({result.fixed_lr:g}, tuned at r = 1), {c['steps']} steps, test loss "
+                 f"every {c['eval_every']} steps; improvement = pretrained - final:",
+             f"{'r':>4} | {'s=a/r':>7} {'improvement':>26} {'||dW||':>8} | {'s=a/sqrt(r)':>11} {'improvement':>26} "
+             f"{'||dW||':>8}"]
+    for i, r in enumerate(result.ranks):
+        rows.append(f"{r:>4} | {result.scales['standard'][i]:>7.3g} "
+                    f"{protocol.as_interval(result.improvement['standard'][i]).text():>26} "
                     f"{result.update_norm['standard'][i]:>8.3f} | {result.scales['rslora'][i]:>11.3g} "
-                    f"{result.final_loss['rslora'][i]:>8.4f} {result.update_norm['rslora'][i]:>8.3f}")
-    rows.append(f"{'r=' + str(result.ranks[-1]) + ' - r=' + str(result.ranks[0]):>4} | {'':>7} "
-                f"{result.rank_gain['standard']:>+8.4f} {'':>8} | {'':>11} {result.rank_gain['rslora']:>+8.4f}")
-    if result.shared:
-        rows.append(f"(r = {', '.join(map(str, result.shared))}: one run for both scalings, s is the same)")
-    rows.append("")
-    rows += findings(result)
+                    f"{protocol.as_interval(result.improvement['rslora'][i]).text():>26} "
+                    f"{result.update_norm['rslora'][i]:>8.3f}")
+    rows.append(f"improvement at r={hi} / at r={ref}: " + "; ".join(
+        f"{scaling} {protocol.as_interval(result.rank_gain_ratio[scaling]).text(3)}" for scaling in SCALINGS))
+    rows += ["", "findings:"]
+    rows += [f"  - {f['claim']}: ours {f['ours']}; paper {f['paper']} -> {f['verdict']}" for f in result.findings]
     return "\n".join(rows)
 
 
-def plot(result: RsLoRAResult, path) -> None:
-    """Validation loss against step, one line per rank: s = alpha / r (left) and alpha / sqrt(r) (right)."""
-    from ..plots import new_figure, save_figure
+def _mean_curve(curves):
+    """(steps, mean, low, high) of per-seed curves that share their steps."""
+    steps = [step for step, _ in curves[0]]
+    per_step = [protocol.interval([curve[k][1] for curve in curves]) for k in range(len(steps))]
+    return (numpy.array(steps), numpy.array([p.mean for p in per_step]), numpy.array([p.low for p in per_step]),
+            numpy.array([p.high for p in per_step]))
 
-    fig, axes = new_figure(1, 2, figsize=(11, 4.2), sharey=True)
+
+def plot(result: RsLoRAResult, path) -> None:
+    """Test loss against step at the one fixed lr, one line per rank (mean over seeds, 95% band): s = alpha / r
+    (left), alpha / sqrt(r) (middle); right: test loss against r with each rule at its own tuned lr."""
     import matplotlib
 
+    from ..plots import new_figure, save_figure
+
+    fig, axes = new_figure(1, 3, figsize=(16, 4.6), sharey=True)
     colours = matplotlib.colormaps["viridis"](numpy.linspace(0.0, 0.85, len(result.ranks)))
-    for ax, scaling in zip(axes, SCALINGS):
-        for colour, r, s, curve in zip(colours, result.ranks, result.scales[scaling], result.curves[scaling]):
-            steps, losses = zip(*curve)
-            ax.plot(steps, losses, marker="o", markersize=3, color=colour, label=f"r = {r} (s = {s:.3g})")
+    for ax, scaling in zip(axes[:2], SCALINGS):
+        for colour, r, s, curves in zip(colours, result.ranks, result.scales[scaling], result.curves[scaling]):
+            steps, mean, low, high = _mean_curve(curves)
+            ax.plot(steps, mean, marker="o", markersize=2.5, color=colour, label=f"r = {r} (s = {s:.3g})")
+            ax.fill_between(steps, low, high, color=colour, alpha=0.2)
         ax.axhline(result.pretrained_loss, color="grey", linestyle=":", linewidth=1, label="pretrained")
-        ax.set_title(f"{LABELS[scaling]}, alpha = {result.alpha:g}")
+        ax.set_title(f"{LABELS[scaling]}, alpha = {result.alpha:g}, lr {result.fixed_lr:g} (fixed)", fontsize=10)
         ax.set_xlabel("step")
+        ax.set_ylabel("test loss (nats / char), mean and 95% interval")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_ylabel(f"validation loss (nats / char), first "
-                       f"{result.settings['batch_size'] * result.settings['eval_batches']} windows")
+    ax = axes[2]
+    for offset, scaling in zip((-0.04, 0.04), SCALINGS):
+        tests = [protocol.as_interval(t["test"]) for t in result.tuned[scaling]]
+        x = numpy.array(result.ranks, dtype=float) * (1 + offset)
+        mean = numpy.array([t.mean for t in tests])
+        ax.errorbar(x, mean, yerr=[mean - [t.low for t in tests], [t.high for t in tests] - mean], marker="o",
+                    capsize=3, label=f"{LABELS[scaling]}, lr tuned per rank")
+    ax.set_xscale("log")
+    ax.set_xticks(result.ranks, [str(r) for r in result.ranks])
+    ax.set(xlabel="rank r", ylabel="test loss (nats / char), mean and 95% interval",
+           title="each rule at its own tuned lr")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     save_figure(fig, Path(path))
