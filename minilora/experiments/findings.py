@@ -41,7 +41,8 @@ def render(found) -> str:
     for name, data in found:
         kind = "fast (a smoke test, not a finding)" if data.get("fast") else "full"
         wall = data.get("wall_seconds")
-        lines.append(f"| {name} | {kind} | {'' if wall is None else f'{wall / 60:.1f} min'} |")
+        when = "" if wall is None else f"{wall:.0f} s" if wall < 60 else f"{wall / 60:.1f} min"
+        lines.append(f"| {name} | {kind} | {when} |")
     return "\n".join(lines)
 
 

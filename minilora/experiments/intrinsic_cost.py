@@ -129,7 +129,9 @@ def findings(result: CostResult) -> list:
                                     "Li et al.: dense P costs O(D d) time and memory",
                                     f"{1e3 * a.mean:.3f} [{1e3 * a.low:.3f}, {1e3 * a.high:.3f}] -> {1e3 * b.mean:.3f} "
                                     f"[{1e3 * b.low:.3f}, {1e3 * b.high:.3f}] ms",
-                                    protocol.verdict(a, b, f"d = {d0} (faster)", f"d = {d1} (faster)", True)))
+                                    {"d = %s better" % d0: "grows", "d = %s better" % d1: "shrinks"}.get(
+                                        protocol.verdict(a, b, f"d = {d0}", f"d = {d1}", True),
+                                        protocol.NOT_DISTINGUISHABLE)))
     both = [d for d, _ in dense if d in dict(fastfood)]
     if both:
         d = both[-1]
