@@ -32,7 +32,7 @@ from .data import get_batch, sequential_batches
 from .core.model import GPT, cross_entropy
 from .core.nn import dropout_generators
 from .core.optim import AdamW, clip_grad_norm, cosine_schedule
-from .fast.parallel import ParallelStep, blas_threads, default_threads, usable_cpus
+from .fast.parallel import ParallelStep, blas_threads, default_threads
 # the checkpoint functions live in io.checkpoints; train.load_checkpoint and the others stay importable here
 from .io.checkpoints import CHECKPOINT_NAME, load_checkpoint, read_checkpoint, rng_state, save_checkpoint  # noqa: F401
 from .io.files import remove_stale_temporaries
@@ -121,7 +121,9 @@ def evaluate(model: GPT, ids, batch_size: int = 32, block_size: int | None = Non
     model.eval()
     total, count = 0.0, 0
     try:
-        with blas_threads(usable_cpus()):
+        # one BLAS thread: evaluation's matrices are small, so more threads gain little on a quiet machine, and
+        # beside another busy process OpenBLAS's threads wait on each other for cores (many times slower)
+        with blas_threads(1):
             for idx, targets in sequential_batches(ids, batch_size, block_size, max_batches):
                 loss, _ = cross_entropy(model.forward(idx), targets)
                 total += loss * targets.size

@@ -80,9 +80,9 @@ def default_threads(batch_size: int) -> int:
 
 class blas_threads:
     """``with blas_threads(n):`` BLAS runs at most n threads inside the block (threadpoolctl; nothing where it is
-    missing). Evaluation runs under ``blas_threads(usable_cpus())``: OpenBLAS otherwise starts a thread per core
-    of the host, more than the process may use, and those threads wait on each other for their turn on a busy
-    machine."""
+    missing). Evaluation runs under ``blas_threads(1)`` and the parallel step limits BLAS to one thread per worker:
+    OpenBLAS otherwise runs a thread per core of the host, and beside another busy process those threads wait on
+    each other for their turn on a core."""
 
     def __init__(self, n: int):
         self.n, self._limit = n, None
