@@ -1,38 +1,21 @@
 """The fixed-budget study (paper Table 5) in fast mode: one shared budget, the protocol (selection on dev with
 seed 0, reporting on test with the reporting seeds), the paper's orders and the verdict logic, plot, summary."""
 import dataclasses
-import inspect
 import json
 import math
 
 import pytest
 
-from minilora.experiments import budget, common, protocol
+from helpers import record_protocol_runs
+from minilora.experiments import budget, protocol
 from minilora.pretrained import pretrained_info
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    """The fast study with every LoRA run recorded; a selection-seed run scored on test, or a test run with a
+    """The fast study with every training run recorded; a selection-seed run scored on test, or a test run with a
     seed that is not a reporting seed, fails it. (result, calls)."""
-    calls = []
-    real = common.run_lora
-    signature = inspect.signature(real)
-
-    def guarded(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs).arguments
-        if bound["seed"] == protocol.SELECTION_SEED and bound["part"] != "dev":
-            raise AssertionError(f"a selection run was scored on {bound['part']}")
-        if bound["part"] == "test" and bound["seed"] not in protocol.report_seeds(True):
-            raise AssertionError(f"a run with seed {bound['seed']} was scored on test")
-        calls.append({"targets": tuple(bound["targets"]), "r": bound["r"], "seed": bound["seed"],
-                      "part": bound["part"], "lr": bound["lr"]})
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", guarded)
-        result = budget.run(fast=True, seed=0)
-    return result, calls
+    return record_protocol_runs(budget.run, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import record_protocol_runs
 from minilora.experiments import common, delta_w, protocol
 
 
@@ -93,18 +94,8 @@ def test_update_numbers_and_random_projections():
 
 @pytest.fixture(scope="module")
 def recorded():
-    """The fast study, with every LoRA run's (r, seed, part, lr) recorded."""
-    calls = []
-    run_lora = common.run_lora
-
-    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
-        calls.append({"r": r, "seed": seed, "part": part, "lr": lr})
-        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", recording_run_lora)
-        result = delta_w.run(fast=True, seed=0)
-    return result, calls
+    """The fast study, with every training run checked against the protocol and recorded: (result, calls)."""
+    return record_protocol_runs(delta_w.run, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -193,19 +184,9 @@ def test_findings_summary_plot_and_json(fast_result, tmp_path):
 
 @pytest.fixture(scope="module")
 def smaller():
-    """The fast study at other ranks and steps (what a notebook asks for), every LoRA run's (r, steps, seed, part)
-    recorded."""
-    calls = []
-    run_lora = common.run_lora
-
-    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
-        calls.append({"r": r, "steps": settings.steps, "seed": seed, "part": part})
-        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", recording_run_lora)
-        result = delta_w.run(fast=True, seed=0, ranks=(2, 8), steps=4)
-    return result, calls
+    """The fast study at other ranks and steps (what a notebook asks for), every training run checked against
+    the protocol and recorded: (result, calls)."""
+    return record_protocol_runs(delta_w.run, seed=0, ranks=(2, 8), steps=4)
 
 
 def test_ranks_keyword_picks_the_ranks(smaller):

@@ -1,13 +1,13 @@
 """Full fine-tuning's Delta W: the spectrum measures on matrices with known answers; a fast run of the study under
 the protocol (its learning rate chosen on dev with seed 0, reporting runs on test); the verdict logic."""
 import dataclasses
-import inspect
 import json
 
 import numpy as np
 import pytest
 
-from minilora.experiments import common, protocol
+from helpers import record_protocol_runs
+from minilora.experiments import protocol
 from minilora.experiments import full_spectrum as fs
 from minilora.experiments import rank_basics as rb
 
@@ -60,23 +60,7 @@ def test_weight_names_cover_attention_and_mlp():
 def recorded():
     """The fast study with every full fine-tuning run recorded; a selection-seed run scored on test, or a test
     run with a seed that is not a reporting seed, fails it. (result, calls)."""
-    calls = []
-    real = common.run_full
-    signature = inspect.signature(real)
-
-    def guarded(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs).arguments
-        if bound["seed"] == protocol.SELECTION_SEED and bound["part"] != "dev":
-            raise AssertionError(f"a selection run was scored on {bound['part']}")
-        if bound["part"] == "test" and bound["seed"] not in protocol.report_seeds(True):
-            raise AssertionError(f"a run with seed {bound['seed']} was scored on test")
-        calls.append({"seed": bound["seed"], "part": bound["part"], "lr": bound["lr"]})
-        return real(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_full", guarded)
-        result = fs.run(fast=True, seed=0)
-    return result, calls
+    return record_protocol_runs(fs.run, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -1,44 +1,20 @@
 """The rank-sweep study (paper Table 6) in fast mode: the protocol (selection on dev with seed 0, reporting on
 test with the reporting seeds), exact parameter counts, the verdict logic on synthetic intervals, plot, summary."""
 import dataclasses
-import inspect
 import json
 import math
 
 import pytest
 
+from helpers import record_protocol_runs
 from minilora.experiments import common, protocol, rank_sweep
 from minilora.pretrained import pretrained_info
-
-
-def guarded(real, kind, calls):
-    """``real`` (common.run_lora or common.run_full), refusing a selection-seed run scored on test and a test run
-    with a seed that is not a reporting seed; every call is recorded in ``calls``."""
-    signature = inspect.signature(real)
-
-    def run(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs).arguments
-        seed, part = bound["seed"], bound["part"]
-        if seed == protocol.SELECTION_SEED and part != "dev":
-            raise AssertionError(f"a selection run ({kind}) was scored on {part}")
-        if part == "test" and seed not in protocol.report_seeds(True):
-            raise AssertionError(f"a {kind} run with seed {seed} was scored on test")
-        calls.append({"kind": kind, "targets": tuple(bound.get("targets", ())), "r": bound.get("r"),
-                      "seed": seed, "part": part, "lr": bound["lr"]})
-        return real(*args, **kwargs)
-
-    return run
 
 
 @pytest.fixture(scope="module")
 def recorded():
     """The fast study, with every training run checked and recorded: (result, calls)."""
-    calls = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", guarded(common.run_lora, "lora", calls))
-        patch.setattr(common, "run_full", guarded(common.run_full, "full", calls))
-        result = rank_sweep.run(fast=True, seed=0)
-    return result, calls
+    return record_protocol_runs(rank_sweep.run, seed=0)
 
 
 @pytest.fixture(scope="module")

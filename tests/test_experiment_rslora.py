@@ -7,28 +7,24 @@ import math
 import numpy as np
 import pytest
 
+from helpers import record_protocol_runs
 from minilora.experiments import common, protocol, rslora
 
 
 @pytest.fixture(scope="module")
 def recorded():
-    """The fast study, with every LoRA run's (seed, part, lr, use_rslora, r) and every scored part recorded."""
-    calls, parts = [], []
-    run_lora, held_out = common.run_lora, common.held_out
-
-    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
-        calls.append({"r": r, "seed": seed, "part": part, "lr": lr, "use_rslora": use_rslora,
-                      "eval_every": settings.eval_every})
-        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
+    """The fast study, with every training run checked against the protocol and recorded, and every scored part
+    recorded: (result, calls, parts)."""
+    parts = []
+    held_out = common.held_out
 
     def recording_held_out(part):
         parts.append(part)
         return held_out(part)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", recording_run_lora)
         patch.setattr(common, "held_out", recording_held_out)
-        result = rslora.run(fast=True, seed=0)
+        result, calls = record_protocol_runs(rslora.run, seed=0)
     return result, calls, parts
 
 

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from helpers import record_protocol_runs
 from minilora.experiments import common, protocol, subspace
 
 
@@ -115,18 +116,8 @@ def test_random_baseline_sits_at_chance():
 
 @pytest.fixture(scope="module")
 def recorded():
-    """The fast study, with every LoRA run's (r, seed, part, lr) recorded."""
-    calls = []
-    run_lora = common.run_lora
-
-    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
-        calls.append({"r": r, "seed": seed, "part": part, "lr": lr})
-        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", recording_run_lora)
-        result = subspace.run(fast=True, seed=0)
-    return result, calls
+    """The fast study, with every training run checked against the protocol and recorded: (result, calls)."""
+    return record_protocol_runs(subspace.run, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -223,19 +214,9 @@ def test_protocol_findings_summary_plot_and_json(fast_result, tmp_path):
 
 @pytest.fixture(scope="module")
 def smaller():
-    """The fast study at other ranks and steps (what a notebook asks for), every LoRA run's (r, steps, seed, part)
-    recorded."""
-    calls = []
-    run_lora = common.run_lora
-
-    def recording_run_lora(targets, r, seed, settings, alpha=None, use_rslora=False, *, lr, part):
-        calls.append({"r": r, "steps": settings.steps, "seed": seed, "part": part})
-        return run_lora(targets, r, seed, settings, alpha, use_rslora, lr=lr, part=part)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(common, "run_lora", recording_run_lora)
-        result = subspace.run(fast=True, seed=0, ranks=(2, 4), steps=4)
-    return result, calls
+    """The fast study at other ranks and steps (what a notebook asks for), every training run checked against
+    the protocol and recorded: (result, calls)."""
+    return record_protocol_runs(subspace.run, seed=0, ranks=(2, 4), steps=4)
 
 
 def test_ranks_keyword_picks_the_pair(smaller):
