@@ -454,7 +454,8 @@ def findings(result: CompareResult) -> list:
             f"language modelling: {pair['lm_verdict']}; classification: {pair['accuracy_verdict']}"))
     timed = [name for name in ("lora", "adapters") if name in rows and rows[name].latency_interval.get("1")]
     if timed:
-        ours = "; ".join(f"{name} merged x{rows[name].latency_interval['1'][0]:.3f} "
+        ours = "; ".join(f"{name} {'merged' if name == 'lora' else '(nothing to merge)'} "
+                         f"x{rows[name].latency_interval['1'][0]:.3f} "
                          f"[{rows[name].latency_interval['1'][1]:.3f}, {rows[name].latency_interval['1'][2]:.3f}] "
                          f"of the base at batch 1" for name in timed)
         out.append(protocol.finding(STUDY, "merged LoRA adds no inference latency; adapters do", PAPER_LATENCY, ours,
