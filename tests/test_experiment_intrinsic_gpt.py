@@ -314,10 +314,14 @@ def test_series_replay_is_deterministic_and_cached(tmp_path):
 
 def test_a_series_that_misses_the_shipped_model_is_refused():
     assert ps.check_against_shipped(load_pretrained()) == 0.0
-    with pytest.raises(RuntimeError, match="does not reproduce the shipped model"):
-        ps._refuse_if_not_shipped(ps.Recipe(), 1e-3)
-    ps._refuse_if_not_shipped(ps.Recipe(), 0.0)
-    ps._refuse_if_not_shipped(ps.Recipe(steps=2), None)        # a shortened recipe is not checked
+    with pytest.raises(RuntimeError, match="does not end where the shipped model did"):
+        ps._refuse_if_not_shipped(ps.Recipe(), 1e-3, 2 * ps.SHIPPED_LOSS_TOLERANCE)
+    with pytest.raises(RuntimeError, match="does not end where the shipped model did"):
+        ps._refuse_if_not_shipped(ps.Recipe(), 1e-3, -2 * ps.SHIPPED_LOSS_TOLERANCE)
+    ps._refuse_if_not_shipped(ps.Recipe(), 0.0, 1.0)                      # the same weights: the same run
+    ps._refuse_if_not_shipped(ps.Recipe(), 0.5, ps.SHIPPED_LOSS_TOLERANCE / 2)   # a replay that ends as good
+    ps._refuse_if_not_shipped(ps.Recipe(steps=2), None, None)    # a shortened recipe is not checked
+    assert abs(ps.loss_difference(load_pretrained(), ps.Recipe())) == 0.0
     assert ps.Recipe().is_shipped() and not ps.Recipe(steps=2).is_shipped()
     from minilora.io.pretrained import pretrained_info
 

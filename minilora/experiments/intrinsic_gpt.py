@@ -25,8 +25,9 @@ bound, possibly unbounded), which is what the verdicts then compare.
 
 The pretraining series (pretraining_series.py). The shipped model's recipe (``minilora pretrain`` defaults) is
 replayed once and its weights kept at SERIES_STEPS, from the random initialisation (step 0) to the end; the
-last one is checked against the shipped model (the study refuses a series that does not reproduce it beyond
-float32 rounding). The checkpoints are cached under ``cache_dir`` (default CACHE_DIR) keyed by the recipe, so
+last one is checked against the shipped model (pretraining_series: the same weights to float32 rounding, or
+else a replay of the recipe that ends at the shipped model's validation loss; the study refuses anything else
+and prints both differences). The checkpoints are cached under ``cache_dir`` (default CACHE_DIR) keyed by the recipe, so
 the replay happens once; later runs read them back. At every checkpoint: full fine-tuning and a DID sweep over
 D_VALUES. On the last checkpoint (the shipped model): SAID at SAID_D_VALUES beside DID at the same d, and LoRA
 on (q_proj, v_proj) at RANKS (alpha = 2 r).
@@ -402,7 +403,8 @@ def run(fast: bool = False, seed: int = 0, cache_dir=None) -> IntrinsicGPTResult
     keep = series.steps
     if series.shipped_max_abs_diff is not None:
         say(f"the replayed run's last checkpoint differs from the shipped model by at most "
-            f"{series.shipped_max_abs_diff:.3g} in any weight")
+            f"{series.shipped_max_abs_diff:.3g} in any weight and by {series.shipped_loss_diff:+.4f} nats in "
+            f"pretraining validation loss")
     probe = series.model(len(keep) - 1)
     params = probe.parameters(trainable_only=True)
     vocab = probe.config.vocab_size
@@ -454,7 +456,8 @@ def run(fast: bool = False, seed: int = 0, cache_dir=None) -> IntrinsicGPTResult
         metric=result.metric, convergence=asdict(conv),
         subspace_rates=f"tuned at d={D_REF}; elsewhere scaled by sqrt(k_ref / k), k = subspace coordinates",
         pretraining_series={"recipe": series.recipe, "steps": series.steps,
-                            "shipped_max_abs_diff": series.shipped_max_abs_diff})
+                            "shipped_max_abs_diff": series.shipped_max_abs_diff,
+                            "shipped_loss_diff": series.shipped_loss_diff})
     result.findings = findings(result)
     result.seconds["total"] = time.perf_counter() - t_start
     return result
@@ -530,7 +533,9 @@ def summary(result: IntrinsicGPTResult) -> str:
     s = result.series
     built = "read from the cache" if s["reused"] else f"replayed in {s['seconds']:.0f} s"
     shipped = ("not checked (shortened recipe)" if s["shipped_max_abs_diff"] is None else
-               f"max |difference| from the shipped model {s['shipped_max_abs_diff']:.3g}")
+               f"max |weight difference| from the shipped model {s['shipped_max_abs_diff']:.3g}, pretraining "
+               f"validation loss {s.get('shipped_loss_diff') or 0.0:+.4f} nats from the shipped model's (a replay of "
+               f"its recipe, not its bits, when the weights differ)")
     rows = [f"Intrinsic dimension of the tiny GPT on python-email along its pretraining: {result.projection} "
             f"projection, D = {result.D:,} ({result.n_tensors} tensors)",
             f"metric: {result.metric}; d100: reaching full fine-tuning's score",
