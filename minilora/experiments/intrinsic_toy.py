@@ -257,7 +257,7 @@ def plot(result: ToyResult, path) -> None:
                     color=f"C{i}", alpha=0.6, label=f"{kind}: {result.steps} Adam steps")
     ax.axvline(PAPER_D_INT100, color="gray", linestyle=":", label=f"d = {PAPER_D_INT100} (codimension)")
     ninety = 1 - FRACTION * (1 - result.full_loss / result.start_loss)
-    ax.axhline(ninety, color="C2", linestyle="--", label=f"90% of the improvement (d90)")
+    ax.axhline(ninety, color="C2", linestyle="--", label="90% of the improvement (d90)")
     ax.axhline(SOLVED, color="red", linestyle=":", label=f"optimum reached: {SOLVED:g} x start (d_int100)")
     ax.set_xscale("log")
     ax.set_xlabel("subspace dimension d")
