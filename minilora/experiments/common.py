@@ -159,12 +159,6 @@ def weight(model, name: str):
     return backend.to_numpy(dict(model.named_parameters())[name].data).astype(numpy.float64)
 
 
-def mean_and_spread(values):
-    """(mean, standard deviation) of a list of numbers (spread 0 for one value)."""
-    values = numpy.asarray(values, dtype=numpy.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else 0.0
-
-
 def bits_per_char(nats: float) -> float:
     """Cross-entropy in nats per character -> bits per character."""
     return nats / math.log(2)
@@ -212,22 +206,3 @@ def tuned_lora(label: str, targets, r: int, settings: RunSettings, fast: bool, e
     if keep_models:
         out["models"] = chosen.payloads
     return out
-
-
-LOSS_TABLE_HEADER = f"{'':<14}{'r':>4}{'trainable':>11}   {'val loss (nats)':<18}{'bits/char':>9}"
-
-
-def loss_table_header(first_column: str) -> str:
-    """The header line of a study's loss table, its first column named ``first_column``."""
-    return first_column + LOSS_TABLE_HEADER[len(first_column):]
-
-
-def over_seeds(seeds) -> str:
-    """"mean +- sd over 3 seeds [0, 1, 2]": how a study's table aggregates its runs."""
-    return f"mean +- sd over {len(seeds)} seed{'s' if len(seeds) > 1 else ''} {list(seeds)}"
-
-
-def loss_table_row(label: str, r, trainable: int, mean: float, spread: float | None = None) -> str:
-    """One line of a study's loss table: label, rank, trainable count, mean +- spread (nats), bits/char."""
-    loss = f"{mean:.4f} +- {spread:.4f}" if spread is not None else f"{mean:.4f}".ljust(16)
-    return f"{label:<14}{r!s:>4}{trainable:>11,}   {loss}  {bits_per_char(mean):>9.4f}"
