@@ -21,7 +21,8 @@ The code, in reading order (each part depends only on the ones before it):
 import importlib
 import sys
 
-from .core import adapters, backend, functional, gradcheck, intrinsic, lora, methods, model, nn, optim, prefix
+from .core import adapters, backend, dora, functional, gradcheck, intrinsic, lora, loraplus, methods, model, nn, optim
+from .core import prefix, quant, vera
 from .core.backend import fast_enabled, use_fast
 from . import fast
 from .io import checkpoints, files, interop, pretrained
@@ -32,6 +33,9 @@ from .core.adapters import AdapterConfig, apply_adapters
 from .core.backend import asarray, current_backend, to_numpy, use_backend
 from .core.lora import (LoRAConfig, apply_lora, disable_lora, merge_lora, parameter_report, unmerge_lora)
 from .io.adapter_files import load_lora, save_lora
+from .io.vera_files import load_vera, save_vera
+from .core.quant import NF4Config, dequantize_base, quantize_base
+from .core.vera import VeRAConfig, apply_vera
 from .core.methods import METHODS, MethodSettings, apply_bitfit, apply_method
 from .core.model import GPT, GPTConfig, cross_entropy
 from .core.nn import Module, Parameter
@@ -48,6 +52,7 @@ MOVED_MODULES = {
     "adapters": "core.adapters", "backend": "core.backend", "functional": "core.functional",
     "gradcheck": "core.gradcheck", "intrinsic": "core.intrinsic", "lora": "core.lora", "methods": "core.methods",
     "model": "core.model", "nn": "core.nn", "optim": "core.optim", "prefix": "core.prefix",
+    "dora": "core.dora", "vera": "core.vera", "loraplus": "core.loraplus", "quant": "core.quant",
     "files": "io.files", "interop": "io.interop", "pretrained": "io.pretrained", "parallel": "fast.parallel",
     "assignments": "course", "assignments.build": "course.build", "assignments.cli": "course.cli",
     "assignments.grade": "course.grade", "assignments.sources": "course.sources",
@@ -63,7 +68,8 @@ __all__ = [
     "PrefixConfig", "PromptConfig", "apply_prefix", "apply_prompt", "bake_prefix",
     "asarray", "current_backend", "to_numpy", "use_backend",
     "LoRAConfig", "apply_lora", "disable_lora", "load_lora", "merge_lora", "parameter_report", "save_lora",
-    "unmerge_lora",
+    "unmerge_lora", "dora", "vera", "loraplus", "quant", "VeRAConfig", "apply_vera", "load_vera", "save_vera",
+    "NF4Config", "quantize_base", "dequantize_base",
     "GPT", "GPTConfig", "cross_entropy", "Module", "Parameter",
     "SGD", "AdamW", "clip_grad_norm", "cosine_schedule", "load_pretrained", "pretrained_info",
 ]

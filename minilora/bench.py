@@ -16,6 +16,7 @@ from .core.backend import use_fast
 from .core.model import GPT, GPTConfig
 from .core.lora import LoRAConfig, apply_lora, merge_lora
 from .core.optim import AdamW
+from .core.quant import quantize_base
 from .fast.parallel import ParallelStep, default_threads, usable_cpus
 from .timing import ratio_spread, spread, take_turns
 from .train import forward_backward
@@ -164,6 +165,8 @@ class BenchResult:
     ratio: float | None = None          # minilora step / torch step, the two taking turns: <= 1.0 means as fast
     lora_step_s: float | None = None    # LoRA r=4 on Wq, Wv (two-step forward)
     lora_ratio: float | None = None     # LoRA step / full fine-tuning step: goal <= 0.75
+    dora_step_s: float | None = None    # DoRA r=4 on Wq, Wv
+    dora_ratio: float | None = None     # DoRA step / LoRA step: goal <= 1.3
     torch_lora_step_s: float | None = None   # PEFT LoRA r=4 on c_attn
     lora_torch_ratio: float | None = None    # minilora LoRA step / PEFT LoRA step
     reference_step_s: float | None = None    # the reference core's full step (plain loop, MINILORA_FAST=0)
@@ -177,6 +180,22 @@ class BenchResult:
     matmul_peak_gflops: float | None = None
     breakdown_s: dict = field(default_factory=dict)
     torch_note: str = ""
+    nf4_memory: dict = field(default_factory=dict)       # the frozen linear weights: float32 bytes against NF4
+
+
+def nf4_memory(config: GPTConfig, block_size: int = 64) -> dict:
+    """Bytes of the frozen weights of every Linear (the blocks' q, k, v, o, fc, proj) in float32 and in NF4 (QLoRA's
+    4-bit base) with and without double quantisation, counted from the arrays each stores; no timing."""
+    out = {"block_size": block_size}
+    for key, double in (("nf4", False), ("nf4 double quant", True)):
+        quantised = quantize_base(GPT(config, seed=0, dtype="float32"), block_size, double)
+        packed = [w for _, m in quantised.named_modules() for w in m.packed_weights().values()]
+        out["numbers"] = sum(w.size for w in packed)
+        out["float32"] = 4 * out["numbers"]                 # what the same weights take as float32 Parameters
+        out[key] = sum(w.nbytes for w in packed)
+        out[f"{key} / float32"] = out[key] / out["float32"]
+        out[f"{key} bits per weight"] = 8 * out[key] / out["numbers"]
+    return out
 
 
 def machine() -> tuple[str, str]:
@@ -224,6 +243,8 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
     result = BenchResult(config.to_dict(), batch_size, threads, backend.current_backend(), cpu, blas, ours,
                          tokens / ours, flops / ours / 1e9)
     result.lora_step_s, result.lora_ratio = lora, lora_ratio
+    dora_step = minilora_step(config, batch_size, lora=LoRAConfig(r=4, alpha=8, use_dora=True), threads=ours_threads)
+    result.dora_step_s, _, result.dora_ratio = pair("dora step", dora_step, "lora step (with dora)", lora_step)
     reference_step = minilora_step(config, batch_size, fast=False)
     result.reference_step_s, _, result.reference_ratio = pair(
         "reference step", reference_step, "full step (with reference)", ours_step, block=1)
@@ -246,6 +267,7 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
         result.wide_inference_ms, result.wide_inference_ratio = inference_latency(wide, repeats=6, spreads=spreads,
                                                                                   label="wide ")
     result.matmul_peak_gflops = matmul_peak_gflops()
+    result.nf4_memory = nf4_memory(config)
     result.spreads = spreads
     if profile:
         # cProfile sees only the calling thread: the breakdown is of a one-thread step
@@ -373,6 +395,10 @@ def format_result(r: BenchResult) -> str:
         lines += [f"LoRA r=4 (Wq, Wv) / full fine-tuning step: {_figure(r, 'lora step / full step (with lora)', 1, 'x')} "
                   f"(LoRA {_figure(r, 'lora step')}, full {_figure(r, 'full step (with lora)')}): "
                   f"{_verdict(ratio, 0.75)}"]
+    if r.dora_step_s is not None:
+        lines += [f"DoRA r=4 (Wq, Wv) / LoRA r=4 step: {_figure(r, 'dora step / lora step (with dora)', 1, 'x')} "
+                  f"(DoRA {_figure(r, 'dora step')}, LoRA {_figure(r, 'lora step (with dora)')}): "
+                  f"{_verdict(r.spreads.get('dora step / lora step (with dora)'), 1.3)}"]
     if r.torch_lora_step_s is not None:
         lines += [f"minilora LoRA / PEFT LoRA r=4 (c_attn) step: {_figure(r, 'lora step (with peft) / peft lora step', 1, 'x')} "
                   f"(minilora {_figure(r, 'lora step (with peft)')}, PEFT {_figure(r, 'peft lora step')})"]
@@ -398,6 +424,14 @@ def format_result(r: BenchResult) -> str:
                 parts.append(f"{name} {_figure(r, f'{label}inference {batch} {name}', 1)} = "
                              f"{_figure(r, ratio_name, 1, 'x')} of base{verdict}")
             lines += [f"  inference {batch}: " + "; ".join(parts)]
+    if r.nf4_memory:
+        m = r.nf4_memory
+        lines += ["", f"frozen linear weights ({m['numbers']:,} numbers), QLoRA's 4-bit NF4 base, blocks of "
+                      f"{m['block_size']} (bytes stored):",
+                  f"  float32 {m['float32']:,}; NF4 {m['nf4']:,} = {m['nf4 / float32']:.3f}x "
+                  f"({m['nf4 bits per weight']:.3f} bits/weight); NF4 + double quantisation "
+                  f"{m['nf4 double quant']:,} = {m['nf4 double quant / float32']:.3f}x "
+                  f"({m['nf4 double quant bits per weight']:.3f} bits/weight)"]
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a one-thread minilora step's time goes (cProfile, cumulative per function):"]

@@ -479,15 +479,20 @@ def _recorded_val_loss(args, corpus):
 LORA_OPTIONS = {"r": "--r", "alpha": "--alpha", "targets": "--targets", "lora_dropout": "--lora-dropout",
                 "init": "--init", "rslora": "--rslora"}     # finetune's options that only LoRA has
 LORA_DEFAULTS = {"r": 4, "targets": ("q_proj", "v_proj"), "lora_dropout": 0.0, "init": "default"}
+LORA_METHODS = ("lora", "dora", "loraplus", "qlora")   # finetune's methods that take LORA_OPTIONS (LoRA's adapters)
+RATIO = real(0, FLOAT32_MAX, low_open=True, note=" (lambda = eta_B / eta_A)")
 
 
 def _check_finetune(args) -> None:
     from .core.lora import linear_modules
 
-    if args.method != "lora":
+    if args.method not in LORA_METHODS:
         given = [option for dest, option in LORA_OPTIONS.items() if getattr(args, dest) not in (None, False)]
         if given:
             raise ValueError(f"argument {given[0]}: only LoRA has it, and --method is {args.method}")
+    if args.loraplus_ratio is not None and args.method != "loraplus":
+        raise ValueError(f"argument --loraplus-ratio: only LoRA+ has it (--method loraplus), and --method is "
+                         f"{args.method}")
     if args.latency_repeats < 0:
         raise ValueError(f"argument --latency-repeats: expected an int >= 0 (latency_repeats: rounds of "
                          f"inference timing, 0 skips it); got {args.latency_repeats}")
@@ -498,7 +503,7 @@ def _check_finetune(args) -> None:
         from .train import CHECKPOINT_NAME
 
         argument("--resume", check_resumable, str(Path(args.out) / CHECKPOINT_NAME))
-    if args.method == "lora":
+    if args.method in LORA_METHODS:
         # each target must name a linear layer of the model that is fine-tuned (its suffix or its full name), and
         # the rank must fit every layer it adapts
         layers = {name: lin for name, _, _, lin in linear_modules(_load_model(args.checkpoint)[0])}
@@ -519,13 +524,15 @@ def _check_finetune(args) -> None:
 def _finetune(args) -> int:
     from . import data, train
     from .core.lora import LoRAConfig
-    from .core.methods import MethodSettings
+    from .core.methods import MethodSettings, loraplus_config
     from .finetune import finetune
 
     lora = {**LORA_DEFAULTS, **{k: v for k, v in vars(args).items() if k in LORA_DEFAULTS and v is not None}}
     settings = MethodSettings(lora=LoRAConfig(
         r=lora["r"], alpha=args.alpha if args.alpha is not None else 2.0 * lora["r"], targets=lora["targets"],
-        dropout=lora["lora_dropout"], use_rslora=args.rslora, init=lora["init"])) if args.method == "lora" else None
+        dropout=lora["lora_dropout"], use_rslora=args.rslora, init=lora["init"]),
+        **({} if args.loraplus_ratio is None else {"loraplus_ratio": args.loraplus_ratio})) \
+        if args.method in LORA_METHODS else None
     lr = args.lr if args.lr is not None else (1e-3 if args.method == "full" else 1e-2)
     checkpoints = args.checkpoint_every > 0 or args.resume
     tc = train.TrainConfig.for_finetuning(args.steps, args.batch_size, lr,
@@ -536,7 +543,8 @@ def _finetune(args) -> int:
     resume = Path(args.out) / train.CHECKPOINT_NAME if args.resume else None
     model, source = _load_model(args.checkpoint, dropout=args.dropout)
     corpus = data.load_corpus(args.corpus, args.text_source)
-    print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({settings.lora})" if settings else ""))
+    described = loraplus_config(settings) if args.method == "loraplus" else settings.lora if settings else None
+    print(f"fine-tuning {source} on {corpus.name!r} with {args.method}" + (f" ({described})" if described else ""))
     plan = {1: args.latency_repeats, 32: max(1, args.latency_repeats // 4)} if args.latency_repeats else 0
     run = finetune(model, args.method, corpus, tc, out_dir=args.out, seed=args.seed, settings=settings,
                    latency_repeats=plan, resume_from=resume)
@@ -548,7 +556,7 @@ def _finetune(args) -> int:
         # each ratio: the median per-round ratio to the base model, its 95% interval, and what the interval says
         ratio = {name: "{:.3f}x [{:.3f}, {:.3f}] ({})".format(*t["ratio"][name], t["verdict"][name])
                  for name in ("unmerged", "merged")}
-        if args.method == "lora":
+        if args.method in LORA_METHODS:
             print(f"inference latency, batch {batch}: base {t['base']:.2f} ms; LoRA unmerged (two-step) "
                   f"{t['unmerged']:.2f} ms = {ratio['unmerged']} of base; merged {t['merged']:.2f} ms = "
                   f"{ratio['merged']} of base")
@@ -756,7 +764,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fine-tune a checkpoint (default: the shipped model) on a corpus; saves the "
                                    "adapter (LoRA) or the weights (full) to --out.")
     f.add_argument("--method", choices=SAVABLE_METHODS, default="lora",
-                   help="the methods whose result can be saved (minilora compare runs every method)")
+                   help="the methods whose result can be saved (minilora compare runs every method); loraplus: "
+                        "LoRA with lora_B at --loraplus-ratio times the learning rate")
     f.add_argument("--checkpoint", help="start from this checkpoint (default: the shipped model)")
     f.add_argument("--corpus", default="python-email", choices=sorted(CORPORA))
     _add_text_source(f)
@@ -771,6 +780,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LoRA: comma-separated module names, or all-linear (default: q_proj,v_proj)")
     f.add_argument("--lora-dropout", type=PROBABILITY, default=None, help="LoRA: in [0, 1) (default 0)")
     f.add_argument("--rslora", action="store_true", help="LoRA: scale by alpha / sqrt(r)")
+    f.add_argument("--loraplus-ratio", type=RATIO, default=None,
+                   help="LoRA+ only (--method loraplus, which takes the LoRA options too): lora_B learns at this "
+                        "multiple of --lr, every other trained parameter at --lr itself (default 16, the paper's "
+                        "2^4); plain --method lora keeps one rate for all")
     f.add_argument("--init", choices=("default", "gaussian", "pissa"), default=None, help="LoRA (default: default)")
     f.add_argument("--dropout", type=PROBABILITY, default=0.0, help="the model's own dropout while fine-tuning")
     f.add_argument("--eval-every", type=COUNT, default=50, help="0: only before and after")

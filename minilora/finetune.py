@@ -35,9 +35,11 @@ from .core.lora import ADAPTER_WEIGHTS, LoRAConfig, parameter_report
 from .core import backend
 from .core.methods import METHODS, MethodSettings, apply_method, check_method, for_inference
 from .core.methods import method as method_entry
+from .core.methods import part_settings
 from .core.model import GPT
 from .data import Corpus
 from .io.adapter_files import adapter_state, save_lora
+from .io.vera_files import VERA_WEIGHTS, save_vera, vera_state
 from .io.checkpoints import read_checkpoint, save_checkpoint
 from .io.files import remove_stale_temporaries
 from .timing import latency_verdict, paired_forward_samples, ratio_interval, spread
@@ -87,11 +89,20 @@ def _save_lora(model, out_dir: Path, meta: dict) -> Path:
     return out_dir / ADAPTER_WEIGHTS
 
 
+def _save_vera(model, out_dir: Path, meta: dict) -> Path:
+    save_vera(model, out_dir)
+    return out_dir / VERA_WEIGHTS
+
+
 # the methods whose result is saved as a file minilora loads back: full fine-tuning as a checkpoint
 # (train.load_checkpoint), LoRA as an adapter of kilobytes (load_lora; PEFT's format through interop)
 SAVERS = {
     "full": Saver(check=_anything_goes, save=_save_full),
     "lora": Saver(check=adapter_state, save=_save_lora),     # adapter_state refuses what an adapter cannot hold
+    "dora": Saver(check=adapter_state, save=_save_lora),     # LoRA's adapter with each layer's magnitude
+    "vera": Saver(check=vera_state, save=_save_vera),        # the vectors; the shared pair comes from its seed
+    "loraplus": Saver(check=adapter_state, save=_save_lora),  # LoRA's adapter; its config records the ratio
+    "qlora": Saver(check=adapter_state, save=_save_lora),     # LoRA's adapter; loads onto the base quantised alike
 }
 SAVABLE_METHODS = tuple(m for m in METHODS if m in SAVERS)    # the choices of ``minilora finetune --method``
 
@@ -199,8 +210,8 @@ def run_record(model: GPT, method: str, settings: MethodSettings, seed: int, dat
     """What a fine-tuning checkpoint belongs with, as JSON: the method, the settings of its parts, the seed of
     its initialisation, the data (its name and the sha256 of its token arrays), eval_batches, and
     the untouched base model (``model``, before the method is applied): its dtype and sha256."""
-    parts = {part: dataclasses.asdict(getattr(settings, part)) for part in method_entry(method).parts
-             if dataclasses.is_dataclass(getattr(settings, part, None))}
+    parts = {part: dataclasses.asdict(part_settings(settings, part)) for part in method_entry(method).parts
+             if dataclasses.is_dataclass(part_settings(settings, part))}
     if isinstance(data, ClassificationTask):
         source = {"task": data.name, "classes": list(data.classes), "length": data.length,
                   "sha256": _arrays_sha256([data.label_ids, *data.train, data.val_x, data.val_y])}

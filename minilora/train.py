@@ -31,6 +31,7 @@ from .core import backend
 from .data import get_batch, sequential_batches
 from .core.model import GPT, cross_entropy
 from .core.nn import dropout_generators
+from .core.loraplus import lr_ratios, optimizer_groups
 from .core.optim import AdamW, clip_grad_norm, cosine_schedule
 from .fast.parallel import ParallelStep, blas_threads, default_threads
 # the checkpoint functions live in io.checkpoints; train.load_checkpoint and the others stay importable here
@@ -183,12 +184,15 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
         meta: dict | None = None, *, batches=None, ignore_index=None, validate=None) -> TrainResult:
     """Train ``model`` in place on the token array ``train_ids``; validate on ``val_ids`` (optional).
 
+    The optimizer is AdamW over ``loraplus.optimizer_groups(model)``: one group, or LoRA+'s two when the
+    model's LoRA config has a loraplus_ratio (B at that multiple of the scheduled rate).
+
     resume_from: a checkpoint written by an earlier run with the same model and config; training continues
     from its step and reproduces that run's losses and weights exactly (a ValueError names what differs: the
-    model config, the dtype, the trainable parameters, a field of RESUME_FIELDS); a RuntimeWarning when the
-    backend, path or data-parallel thread count differs (threads=None follows the machine's cores), as the
-    sums then round differently. meta: extra metadata for checkpoints (e.g. the corpus name). Returns the loss
-    history.
+    model config, the dtype, the trainable parameters, a field of RESUME_FIELDS, the LoRA+ ratio); a
+    RuntimeWarning when the backend, path or data-parallel thread count differs (threads=None follows the
+    machine's cores), as the sums then round differently. meta: extra metadata for checkpoints (e.g. the
+    corpus name). Returns the loss history.
 
     Checkpoints: with config.out_dir, ``<out_dir>/checkpoint.safetensors`` every config.checkpoint_every steps
     and at the end (stale temporaries of a killed run in out_dir are cleared first). Before each checkpoint and
@@ -225,7 +229,8 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
     if validate is None and val_ids is not None:
         def validate(m):               # the validation loss on the first eval_batches windows of val_ids
             return evaluate(m, val_ids, config.batch_size, block_size, config.eval_batches)
-    optimizer = AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
+    groups = optimizer_groups(model)       # one group; LoRA+: B at loraplus_ratio times the schedule's rate
+    optimizer = AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
     batch_rng = numpy.random.default_rng(config.seed)
     result = TrainResult()
     threads = config.threads or (default_threads(config.batch_size) if backend.fast_enabled() else 1)
@@ -240,7 +245,8 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
                           "(give TrainConfig.threads to fix the thread count)", RuntimeWarning, stacklevel=2)
     out_dir = Path(config.out_dir) if config.out_dir else None
     run_meta = dict(meta or {}, train_config=asdict(config), compute=compute,
-                    trainable=[name for name, _ in model.named_parameters(trainable_only=True)])
+                    trainable=[name for name, _ in model.named_parameters(trainable_only=True)],
+                    lr_ratios=lr_ratios(model, groups))
     if out_dir is not None:
         remove_stale_temporaries(out_dir)          # what a killed run's atomic writes left behind
 
@@ -319,8 +325,8 @@ def fit(model: GPT, train_ids=None, val_ids=None, config: TrainConfig | None = N
 
 def check_resumable(path, meta: dict, model: GPT, config: TrainConfig) -> None:
     """Raise a ValueError naming the difference unless the checkpoint ``path`` (its metadata ``meta``) can be
-    resumed by training ``model`` with ``config``: the same model config, dtype, trainable parameters and
-    RESUME_FIELDS (checkpoints that predate a record are not checked on it)."""
+    resumed by training ``model`` with ``config``: the same model config, dtype, trainable parameters, their
+    learning-rate ratios (LoRA+) and RESUME_FIELDS (checkpoints that predate a record are not checked on it)."""
     if meta.get("model_config") != model.config.to_dict():
         raise ValueError(f"{path} was written for model config {meta.get('model_config')}; this model is "
                          f"{model.config.to_dict()}")
@@ -334,11 +340,26 @@ def check_resumable(path, meta: dict, model: GPT, config: TrainConfig) -> None:
             raise ValueError(f"cannot resume {path}: it trained other parameters than this model trains (only in "
                              f"the checkpoint: {_some(saved - here)}; only here: {_some(here - saved)}): another "
                              "method or other settings?")
+    if "lr_ratios" in meta:
+        here = lr_ratios(model, optimizer_groups(model))
+        if meta["lr_ratios"] != here:
+            raise ValueError(f"cannot resume {path}: its parameters learned at other multiples of the learning rate "
+                             f"({_ratio_summary(meta['lr_ratios'])}) than this model's ({_ratio_summary(here)}): "
+                             "another LoRA+ ratio?")
     saved = meta.get("train_config", {})
     for key in RESUME_FIELDS:
         if key in saved and saved[key] != getattr(config, key):
             raise ValueError(f"cannot resume {path}: it was trained with {key}={saved[key]!r}, "
                              f"this run has {key}={getattr(config, key)!r} (the losses would differ)")
+
+
+def _ratio_summary(ratios: dict) -> str:
+    """{name: ratio} as "lr x 16.0: 4 parameters (h.0.attn.q_proj.lora_B, ...)", or "all at lr"."""
+    by_ratio = {}
+    for name, ratio in ratios.items():
+        by_ratio.setdefault(ratio, []).append(name)
+    return "; ".join(f"lr x {ratio:g}: {len(names)} parameters ({_some(names, 2)})"
+                     for ratio, names in sorted(by_ratio.items())) or "all at lr"
 
 
 def _some(names, n: int = 4) -> str:

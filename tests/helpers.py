@@ -22,7 +22,7 @@ def record_protocol_runs(run, *, fast=True, **kwargs):
     fails where it happens even if no later count would notice it. ``fast`` goes to the study too, so the seeds
     checked are the ones of the mode it runs in. Each call is recorded as a dict: kind ("lora" or "full"),
     targets (a tuple; () for full), r (None for full), seed, part, lr, use_rslora (False for full), and the
-    run's settings' steps and eval_every."""
+    run's settings' steps and eval_every, and loraplus_ratio (None for plain LoRA and full), nf4 (True for QLoRA)."""
     # imported here: most test modules that use these helpers never train, and need not load the studies' code
     from minilora.experiments import common, protocol
 
@@ -43,6 +43,7 @@ def record_protocol_runs(run, *, fast=True, **kwargs):
                 raise AssertionError(f"a {kind} run with seed {seed} was scored on test")
             calls.append({"kind": kind, "targets": tuple(a.get("targets", ())), "r": a.get("r"), "seed": seed,
                           "part": part, "lr": a["lr"], "use_rslora": a.get("use_rslora", False),
+                          "loraplus_ratio": a.get("loraplus_ratio"), "nf4": a.get("nf4", False),
                           "steps": a["settings"].steps, "eval_every": a["settings"].eval_every})
             return real(*args, **kw)
 

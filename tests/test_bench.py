@@ -26,6 +26,9 @@ def test_bench_reports_every_figure():
         assert result.ratio == result.spreads["full step (with torch) / torch step"]["median"]
     text = bench.format_result(result)
     assert "LoRA r=4" in text and "inference batch 1" in text and "reference core" in text and "n_embd 64" in text
+    nf4 = result.nf4_memory             # byte counts of the frozen linear weights, not timings
+    assert nf4["float32"] == 4 * nf4["numbers"] == 4 * (4 * 16 * 16 + 2 * 16 * 64)     # q, k, v, o; fc, proj
+    assert nf4["nf4 / float32"] <= 0.3 and nf4["nf4 double quant"] < nf4["nf4"] and "NF4" in text
 
 
 def test_step_flops_counts_matrix_products():

@@ -254,4 +254,4 @@ def test_compare_command_and_bad_method(tmp_path, capsys):
     assert main(["compare", "--fast", "--methods", "bitfit,lora9", "--out", str(tmp_path)]) == 2
     assert "unknown fine-tuning method 'lora9'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown fine-tuning method"):
-        compare_methods(methods=("dora",), fast=True)
+        compare_methods(methods=("lora9",), fast=True)

@@ -79,8 +79,8 @@ def test_registry_covers_every_pair_and_the_edge_cases():
         assert set(case.wrt) <= set(gc.PAIRS[case.pair].grads), case.name
     single_position = {case.pair for case in gc.CASES if len(first_shape(case)) >= 2 and first_shape(case)[1] == 1}
     assert single_position == set(gc.PAIRS) - {"prefix MLP"}                                 # T = 1
-    assert {case.pair for case in gc.CASES if case.mask_seed is not None} == {"dropout", "attention",
-                                                                              "prefix attention", "lora"}
+    assert {"dropout", "attention", "prefix attention", "lora", "dora", "vera"} <= \
+        {case.pair for case in gc.CASES if case.mask_seed is not None}
     heads = {(case.options["n_head"], first_shape(case)[2]) for case in gc.cases_of("attention")}
     assert {1, 2, 3} <= {H for H, _ in heads} and any((C // H) % 2 for H, C in heads)         # odd head size
     assert any(case.inputs["prefix_k"].shape[0] > 1 for case in gc.cases_of("prefix attention"))    # S > T + 1

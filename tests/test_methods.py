@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora.core.vera import VeRAConfig
 from minilora import gradcheck as gc
 from minilora.adapters import AdapterConfig, adapter_modules, adapter_parameter_count, apply_adapters
 from minilora.lora import LoRAConfig, apply_lora, lora_modules
@@ -24,7 +25,7 @@ from minilora.train import TrainConfig, fit
 CFG = dict(vocab_size=13, block_size=12, n_layer=2, n_head=2, n_embd=8)
 SMALL = MethodSettings(lora=LoRAConfig(r=2, alpha=4.0), adapters=AdapterConfig(bottleneck=3),
                        prefix=PrefixConfig(length=3), prefix_mlp=PrefixConfig(length=3, reparameterize=True, hidden=5),
-                       prompt=PromptConfig(length=3))
+                       prompt=PromptConfig(length=3), vera=VeRAConfig(r=4))
 
 
 def small_model(dtype="float64", seed=0):
@@ -60,7 +61,7 @@ def test_every_method_passes_a_whole_model_directional_check_with_dropout():
 # where each method starts
 
 
-@pytest.mark.parametrize("method", ["full", "bitfit", "adapters", "lora", "lora+adapters"])
+@pytest.mark.parametrize("method", ["full", "bitfit", "adapters", "lora", "lora+adapters", "vera"])
 def test_methods_without_virtual_tokens_start_exactly_at_the_base_model(method):
     idx = tokens()
     expected = small_model().forward(idx)
@@ -140,6 +141,10 @@ EXPECTED_TRAINABLE = {
     "lora": lambda n: ".lora_" in n,
     "lora+adapters": lambda n: ".lora_" in n or ".adapter_" in n,
     "lora+prefix": lambda n: ".lora_" in n or ".prefix_" in n,
+    "loraplus": lambda n: ".lora_" in n,
+    "dora": lambda n: ".lora_" in n,               # lora_A, lora_B and lora_magnitude
+    "vera": lambda n: ".vera_lambda_" in n,          # not the shared random pair vera_A, vera_B
+    "qlora": lambda n: ".lora_" in n,               # on the 4-bit base, whose weights are codes, not Parameters
 }
 
 
@@ -163,8 +168,12 @@ def test_training_moves_exactly_the_trainable_parameters(method):
 def test_methods_keep_the_base_parameter_names():
     base_names = [n for n, _ in small_model().named_parameters()]
     for method in METHODS:
-        names = [n for n, _ in apply_method(small_model(), method, SMALL).named_parameters()]
-        assert [n for n in names if n in base_names] == base_names, method
+        model = apply_method(small_model(), method, SMALL)
+        names = [n for n, _ in model.named_parameters()]
+        # QLoRA keeps the linear layers' weights as 4-bit codes (packed_weights) under their names, not as Parameters
+        packed = {f"{name}.{k}" for name, m in model.named_modules() for k in m.packed_weights()}
+        assert not packed or method == "qlora", method
+        assert [n for n in names if n in base_names] == [n for n in base_names if n not in packed], method
 
 
 def test_methods_combine_in_either_order():
@@ -189,6 +198,7 @@ def test_parameter_counts():
     assert counts["bitfit"] == 4 * (4 * 128 + 512 + 128 + 2 * 128) + 128
     assert counts["lora+adapters"] == counts["lora"] + counts["adapters"]
     assert counts["lora+prefix"] == counts["lora"] + counts["prefix"]
+    assert counts["vera"] == 8 * (256 + 128) == 3072                # r + out per adapted layer
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -343,6 +353,8 @@ def test_what_a_method_added_is_an_explicit_field_of_its_parameters():
             if method == "full":
                 assert p.added_by is None and p.trainable, name
             elif p.added_by is not None:
-                assert p.added_by in method.replace("-mlp", "") and p.trainable, (method, name, p.added_by)
+                frozen_by_design = name in ("vera_A", "vera_B")     # VeRA's shared random pair never trains
+                assert p.added_by in method.replace("-mlp", "") and p.trainable != frozen_by_design, \
+                    (method, name, p.added_by)
             elif method != "bitfit":
                 assert not p.trainable, (method, name)

@@ -23,6 +23,8 @@ from minilora import functional as F
 from minilora.adapters import AdapterConfig, adapter_backward, adapter_forward
 from minilora.gradcheck import randomize_parameters, rel_error
 from minilora.lora import LoRAConfig
+from minilora.core.vera import VeRAConfig
+from minilora.core.quant import ABSMAX_BLOCK, LEVELS, NF4Config
 from minilora.methods import METHODS, MethodSettings, apply_method
 from minilora.prefix import (
     PrefixConfig,
@@ -37,8 +39,11 @@ from torch_helpers import TOL, assert_close, leaf, torch_reference
 
 CONFIG = ml.GPTConfig(vocab_size=20, block_size=16, n_layer=2, n_head=2, n_embd=8)
 LORA_R, LORA_ALPHA, LORA_TARGETS = 2, 4.0, ("q_proj", "v_proj")
+# VeRA on layers of three shapes (C -> C, C -> 4C, 4C -> C), so that each slices the shared pair differently; r > C
+VERA_R, VERA_TARGETS = 10, ("q_proj", "v_proj", "fc", "proj")
 BOTTLENECK = 3
 PREFIX_LEN, PREFIX_MLP_LEN, PREFIX_HIDDEN, PROMPT_LEN = 3, 3, 5, 3
+NF4_BLOCK = 16      # several absmax blocks per weight of the small model
 
 
 def settings():
@@ -48,6 +53,8 @@ def settings():
         prefix=PrefixConfig(length=PREFIX_LEN),
         prefix_mlp=PrefixConfig(length=PREFIX_MLP_LEN, reparameterize=True, hidden=PREFIX_HIDDEN),
         prompt=PromptConfig(length=PROMPT_LEN),
+        vera=VeRAConfig(r=VERA_R, targets=VERA_TARGETS),
+        nf4=NF4Config(block_size=NF4_BLOCK, double_quant=True),
     )
 
 
@@ -109,7 +116,17 @@ def torch_adapted_gpt(W, idx, targets, method, cfg):
     idx_t = torch.from_numpy(numpy.asarray(idx, dtype=numpy.int64))
 
     def linear(x, name):
+        if method == "dora" and name.split(".")[-1] in LORA_TARGETS:
+            # y = (m / ||V||_c) x V + b, V = W + s (B A)^T; the norm is a constant in the backward, as PEFT has it
+            V = W[f"{name}.weight"] + scale * (W[f"{name}.lora_A"].T @ W[f"{name}.lora_B"].T)
+            g = W[f"{name}.lora_magnitude"] / torch.linalg.norm(V, dim=0).detach()
+            return g * (x @ V) + W[f"{name}.bias"]
         y = x @ W[f"{name}.weight"] + W[f"{name}.bias"]
+        if method == "vera" and name.split(".")[-1] in VERA_TARGETS:
+            # y = x W + b + lambda_b * ((lambda_d * (x A_s^T)) B_s^T), A_s = A[:, :in], B_s = B[:out, :]
+            n_in, n_out = W[f"{name}.weight"].shape
+            A_s, B_s = W["vera_A"][:, :n_in], W["vera_B"][:n_out, :]
+            y = y + W[f"{name}.vera_lambda_b"] * ((W[f"{name}.vera_lambda_d"] * (x @ A_s.T)) @ B_s.T)
         if use_lora and name.split(".")[-1] in LORA_TARGETS:      # y = x W + b + s x A^T B^T
             y = y + scale * ((x @ W[f"{name}.lora_A"].T) @ W[f"{name}.lora_B"].T)
         return y
@@ -177,6 +194,8 @@ def added_names(method, cfg):
     for l in range(cfg.n_layer):
         if "lora" in method:
             names |= {f"h.{l}.attn.{t}.lora_{ab}" for t in LORA_TARGETS for ab in "AB"}
+        if method == "dora":
+            names |= {f"h.{l}.attn.{t}.lora_{part}" for t in LORA_TARGETS for part in ("A", "B", "magnitude")}
         if "adapters" in method:
             names |= {f"h.{l}.{place}.{p}" for place in ("attn.resid_drop", "mlp.drop")
                       for p in ("adapter_down", "adapter_down_bias", "adapter_up", "adapter_up_bias")}
@@ -187,6 +206,10 @@ def added_names(method, cfg):
                   "prefix_encoder.prefix_in.bias", "prefix_encoder.prefix_out.weight", "prefix_encoder.prefix_out.bias"}
     if method == "prompt":
         names.add("wte.prompt_embeddings")
+    if method == "vera":    # two vectors per adapted layer, and the one shared pair (frozen)
+        names |= {f"h.{l}.{place}.{t}.vera_lambda_{v}" for l in range(cfg.n_layer) for place, t in
+                  (("attn", "q_proj"), ("attn", "v_proj"), ("mlp", "fc"), ("mlp", "proj")) for v in "db"}
+        names |= {"vera_A", "vera_B"}
     return names
 
 
@@ -199,11 +222,29 @@ def expected_trainable(method, cfg):
         return base_names(cfg)
     if method == "bitfit":   # every Linear's and LayerNorm's bias
         return {n for n in base_names(cfg) if n.endswith(".bias")}
+    if method == "vera":     # VeRA's random pair stays frozen
+        return added_names(method, cfg) - {"vera_A", "vera_B"}
     return added_names(method, cfg)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the whole adapted model
+
+
+def t_dequantize_nf4(q):
+    """The float W of a 4-bit NF4 weight, written in torch from what it stores: two 4-bit codes per byte (the
+    first in the high nibble), W = level[code] * the block's absmax, the absmax decoded from its 8-bit codes
+    (code / 127 * the scale of its group of ABSMAX_BLOCK, plus the mean) when double-quantised. A constant."""
+    packed = torch.from_numpy(backend.to_numpy(q.codes).astype(numpy.int64))
+    codes = torch.stack([packed // 16, packed % 16], dim=1).reshape(-1)
+    if q.double_quant:
+        c = torch.from_numpy(backend.to_numpy(q.absmax_codes).astype(numpy.float32))
+        scale = torch.from_numpy(backend.to_numpy(q.absmax_scale))
+        absmax = c / 127 * scale[torch.arange(len(c)) // ABSMAX_BLOCK] + torch.tensor(q.absmax_mean, dtype=torch.float32)
+    else:
+        absmax = torch.from_numpy(backend.to_numpy(q.absmax))
+    W = torch.from_numpy(LEVELS)[codes].reshape(-1, q.block_size) * absmax.double()[:, None]
+    return W.reshape(-1)[:q.size].reshape(q.shape)
 
 
 def compare_method(method, T=7, B=2, seed=0):
@@ -214,8 +255,12 @@ def compare_method(method, T=7, B=2, seed=0):
     randomize_parameters(model, seed=seed + 1, scale=0.3)
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.trainable}
+    # QLoRA's frozen linear weights are 4-bit codes, not Parameters: the torch model gets them dequantised
+    packed = {f"{name}.{k}": q for name, m in model.named_modules() for k, q in m.packed_weights().items()}
+    if method == "qlora":
+        assert set(packed) == {n for n in base_names(cfg) if n.endswith(".weight") and ("attn." in n or "mlp." in n)}
 
-    expected_all = base_names(cfg) | added_names(method, cfg)
+    expected_all = (base_names(cfg) | added_names(method, cfg)) - set(packed)
     assert set(params) == expected_all, (
         f"{method}: parameters differ from what the method should add: missing {sorted(expected_all - set(params))}, "
         f"unexpected {sorted(set(params) - expected_all)}")
@@ -235,6 +280,7 @@ def compare_method(method, T=7, B=2, seed=0):
     model.backward(dlogits)
 
     W = {n: leaf(p.data) for n, p in params.items()}
+    W.update({n: t_dequantize_nf4(q) for n, q in packed.items()})
     ref_logits, ref_loss = torch_adapted_gpt(W, idx, targets, method, cfg)
     ref_loss.backward()
 
@@ -278,7 +324,8 @@ def test_method_matches_torch(method, T):
 
 def test_every_method_is_covered():
     assert set(METHODS) == {"full", "bitfit", "adapters", "prefix", "prefix-mlp", "prompt", "lora",
-                            "lora+adapters", "lora+prefix"}, "a new method needs its torch reference here"
+                            "lora+adapters", "lora+prefix", "dora", "vera", "loraplus", "qlora"}, \
+        "a new method needs its torch reference here"
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from . import adapters, backend, lora, prefix
+from . import adapters, backend, dora, lora, prefix, quant, vera
 from . import functional as F
 
 THRESHOLD = 1e-7
@@ -188,6 +188,13 @@ PAIRS = {
                              _PREFIX_ATTENTION, "prefix"),
     "prefix MLP": Pair(prefix.prefix_mlp_forward, prefix.prefix_mlp_backward, _PREFIX_MLP, _PREFIX_MLP, "prefix"),
     "lora": Pair(lora.lora_forward, lora.lora_backward, ("x", "W", "b", "A", "B"), ("x", "A", "B", "W", "b"), "lora"),
+    "dora": Pair(dora.dora_forward, dora.dora_backward, ("x", "W", "b", "A", "B", "m"), ("x", "A", "B", "m", "b"),
+                 "dora"),
+    "vera": Pair(vera.vera_forward, vera.vera_backward, ("x", "W", "b", "A", "B", "lambda_d", "lambda_b"),
+                 ("x", "lambda_d", "lambda_b", "W", "b"), "vera"),
+    # q: the 4-bit weight, a constant of the layer (no gradient); its dequantised W is fixed
+    "nf4 linear": Pair(quant.nf4_linear_forward, quant.nf4_linear_backward, ("x", "q", "b"), ("x", "b"), "quant"),
+    "qlora": Pair(quant.qlora_forward, quant.qlora_backward, ("x", "q", "b", "A", "B"), ("x", "A", "B", "b"), "quant"),
 }
 
 
@@ -220,6 +227,19 @@ class Ids:
 
 
 @dataclass(frozen=True)
+class NF4:
+    """A 4-bit weight input: standard normal draws of this shape, quantised (quant.quantize_nf4) on the backend."""
+
+    shape: tuple
+    block_size: int = 16
+    double_quant: bool = False
+
+    def draw(self, rng):
+        W = backend.asarray(rng.standard_normal(self.shape))
+        return quant.quantize_nf4(W, self.block_size, self.double_quant)
+
+
+@dataclass(frozen=True)
 class Case:
     """One gradient check: a pair of PAIRS on inputs drawn from a seed.
 
@@ -241,8 +261,9 @@ class Case:
     def draw(self, seed=0) -> dict:
         """The inputs as arrays of the current backend (None stays None), drawn in argument order from seed."""
         rng = numpy.random.default_rng(seed)
-        return {name: None if self.inputs[name] is None else backend.asarray(self.inputs[name].draw(rng))
-                for name in PAIRS[self.pair].inputs}
+        drawn = {name: None if self.inputs[name] is None else self.inputs[name].draw(rng)
+                 for name in PAIRS[self.pair].inputs}
+        return {name: backend.asarray(v) if isinstance(v, numpy.ndarray) else v for name, v in drawn.items()}
 
     def arguments(self) -> dict:
         """The forward's arguments besides the inputs, with a fresh dropout generator when there is dropout."""
@@ -322,6 +343,34 @@ def gradient_cases(shapes=SHAPES) -> list:
                        options=dict(scale=1.5, dropout_p=p), flags=dict(weight_grad=trained, bias_grad=trained),
                        mask_seed=5 if p else None)
                   for p in (0.0, 0.3) for trained in (True, False)]
+        # DoRA: the exact backward (through the column norm) is the derivative finite differences measure; the
+        # magnitude away from the norms (m shifted to 2 +- 1) so that g = m / ||V|| is not 1
+        cases += [Case("dora", "dora r=2" + (f" dropout {p}" if p else "") + f" {at}",
+                       dict(x=btc, W=Normal((C, C + 1)), b=Normal((C + 1,)), A=Normal((2, C)), B=Normal((C + 1, 2)),
+                            m=Normal((C + 1,), shift=2.0)),
+                       ("x", "A", "B", "m", "b"), options=dict(scale=1.5, dropout_p=p),
+                       flags=dict(norm_gradient=True, bias_grad=True), mask_seed=5 if p else None)
+                  for p in (0.0, 0.3)]
+        # VeRA with in != out and r = 3 (A, B the layer's slices of the shared pair, frozen: no gradient); W and b
+        # trained or frozen, as LoRA's
+        cases += [Case("vera", "vera r=3" + (f" dropout {p}" if p else "") + ("" if trained else " W, b frozen")
+                       + f" {at}",
+                       dict(x=btc, W=Normal((C, C + 1)), b=Normal((C + 1,)), A=Normal((3, C)), B=Normal((C + 1, 3)),
+                            lambda_d=Normal((3,)), lambda_b=Normal((C + 1,))),
+                       ("x", "lambda_d", "lambda_b", "W", "b") if trained else ("x", "lambda_d", "lambda_b"),
+                       options=dict(dropout_p=p), flags=dict(weight_grad=trained, bias_grad=trained),
+                       mask_seed=5 if p else None)
+                  for p in (0.0, 0.3) for trained in (True, False)]
+        # NF4: C (C + 1) weights in blocks of 16, so that the last block is padded; plain and double-quantised
+        # absmax; the frozen 4-bit path alone and with LoRA beside it (x, b, A, B checked; the codes are constants)
+        cases += [Case("nf4 linear", "nf4 linear" + (" double quant" if dq else "") + f" {at}",
+                       dict(x=btc, q=NF4((C, C + 1), 16, dq), b=Normal((C + 1,))), ("x", "b"),
+                       flags=dict(bias_grad=True)) for dq in (False, True)]
+        cases += [Case("qlora", "qlora r=2" + (f" dropout {p}" if p else "") + f" {at}",
+                       dict(x=btc, q=NF4((C, C + 1), 16, True), b=Normal((C + 1,)), A=Normal((2, C)),
+                            B=Normal((C + 1, 2))), ("x", "A", "B", "b"), options=dict(scale=1.5, dropout_p=p),
+                       flags=dict(bias_grad=True), mask_seed=5 if p else None)
+                  for p in (0.0, 0.3)]
 
     # fixed shapes: inputs with fewer axes than (B, T, C), a wide GELU input, an odd vocabulary, LoRA without
     # bias and of rank 1
@@ -343,9 +392,25 @@ def gradient_cases(shapes=SHAPES) -> list:
         Case("lora", "lora r=1 (B=1,T=1,C=6)",
              dict(x=Normal((1, 1, 6)), W=Normal((6, 6)), b=Normal((6,)), A=Normal((1, 6)), B=Normal((6, 1))),
              ("x", "A", "B", "W", "b"), options=dict(scale=0.5), flags=dict(weight_grad=True, bias_grad=True)),
+        Case("dora", "dora r=1 x (6, 5), no bias",
+             dict(x=Normal((6, 5)), W=Normal((5, 3)), b=None, A=Normal((1, 5)), B=Normal((3, 1)),
+                  m=Normal((3,), shift=2.0)), ("x", "A", "B", "m"), options=dict(scale=0.5),
+             flags=dict(norm_gradient=True)),
+        Case("nf4 linear", "nf4 linear x (6, 5), no bias, block 4",
+             dict(x=Normal((6, 5)), q=NF4((5, 3), 4), b=None), ("x",)),
+        Case("qlora", "qlora r=1 x (6, 5), no bias, block 4",
+             dict(x=Normal((6, 5)), q=NF4((5, 3), 4, True), b=None, A=Normal((1, 5)), B=Normal((3, 1))),
+             ("x", "A", "B"), options=dict(scale=0.5)),
         Case("prefix MLP", "prefix MLP (P=3,C=8,hidden=5)",
              dict(E=Normal((3, 8)), W_in=Normal((8, 5)), b_in=Normal((5,)), W_out=Normal((5, 16)), b_out=Normal((16,))),
              _PREFIX_MLP),
+        # VeRA's rank is not limited by the layer: r = 7 > min(in, out) = 3
+        Case("vera", "vera r=7 > min(in, out) x (6, 5), no bias",
+             dict(x=Normal((6, 5)), W=Normal((5, 3)), b=None, A=Normal((7, 5)), B=Normal((3, 7)), lambda_d=Normal((7,)),
+                  lambda_b=Normal((3,))), ("x", "lambda_d", "lambda_b", "W"), flags=dict(weight_grad=True)),
+        Case("vera", "vera r=7 > min(in, out) x (6, 5), no bias, W frozen",
+             dict(x=Normal((6, 5)), W=Normal((5, 3)), b=None, A=Normal((7, 5)), B=Normal((3, 7)), lambda_d=Normal((7,)),
+                  lambda_b=Normal((3,))), ("x", "lambda_d", "lambda_b")),
     ]
     return cases
 
@@ -479,16 +544,18 @@ def method_model_checks(seed=0):
     derivative over exactly the parameters the method trains (its additions are randomised first, so zero
     initialisations hide nothing)."""
     from .adapters import AdapterConfig
+    from .dora import DoRALinear
     from .lora import LoRAConfig
     from .methods import METHODS, MethodSettings, apply_method
     from .model import GPT, GPTConfig
     from .prefix import PrefixConfig, PromptConfig
     from .nn import dropout_generators
+    from .vera import VeRAConfig
 
     cfg = GPTConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=12, dropout=0.1)
     settings = MethodSettings(lora=LoRAConfig(r=2, alpha=3.0, dropout=0.1), adapters=AdapterConfig(bottleneck=3),
                               prefix=PrefixConfig(length=2), prefix_mlp=PrefixConfig(length=2, reparameterize=True, hidden=5),
-                              prompt=PromptConfig(length=2))
+                              prompt=PromptConfig(length=2), vera=VeRAConfig(r=5, dropout=0.1))
     rng = numpy.random.default_rng(seed)
     idx = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
     targets = backend.asarray(rng.integers(0, cfg.vocab_size, size=(2, 5)))
@@ -497,6 +564,11 @@ def method_model_checks(seed=0):
         for name in METHODS:
             model = GPT(cfg, seed=seed, dtype="float64")
             apply_method(model, name, settings, seed=seed)
+            for _, layer in model.named_modules():
+                # the directional derivative measures the exact gradient: DoRA's default treats its column norm
+                # as a constant (as PEFT does; tests/test_dora.py checks that one against torch)
+                if isinstance(layer, DoRALinear):
+                    layer.norm_gradient = True
             randomize_parameters(model, seed)
             r = directional_check(model, gpt_loss_fn(idx, targets, dropout_generators(model)), seed=seed)
             r.layer, r.param = f"GPT + {name}", f"{model.num_parameters(trainable_only=True)} trainable"

@@ -167,7 +167,10 @@ class LoRAConfig:
     r: rank; alpha: scale numerator (s = alpha / r, or alpha / sqrt(r) with use_rslora); targets: module-name
     suffixes as PEFT's target_modules (a name matches if it equals a target or ends with "." + target), or
     "all-linear"; dropout: on the adapter's input; init: "default", "gaussian" or "pissa"; bias: which biases
-    train, as loralib ("none", "all", "lora_only").
+    train, as loralib ("none", "all", "lora_only"); use_dora: DoRA's trained magnitude over the column norm of
+    W + s (BA)^T (dora.py); dora_norm_gradient: backpropagate through that norm exactly (True), or treat it as a
+    constant as the DoRA paper suggests and PEFT does (False); loraplus_ratio: LoRA+ (Hayou et al. 2024), B
+    trains at lambda = loraplus_ratio times the learning rate of A (loraplus.py; None: one rate for all).
     """
 
     r: int = 8
@@ -177,6 +180,9 @@ class LoRAConfig:
     use_rslora: bool = False
     init: str = "default"
     bias: str = "none"
+    use_dora: bool = False
+    dora_norm_gradient: bool = False
+    loraplus_ratio: float | None = None
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, (int, numpy.integer)) or self.r < 1:
@@ -194,6 +200,16 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}; got {self.init!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}; got {self.bias!r}")
+        for flag in ("use_dora", "dora_norm_gradient"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRAConfig.{flag} must be True or False; got {getattr(self, flag)!r}")
+        if self.dora_norm_gradient and not self.use_dora:
+            raise ValueError("LoRAConfig.dora_norm_gradient=True needs use_dora=True: only DoRA has a column norm")
+        ratio = self.loraplus_ratio
+        if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool)
+                                  or not 0 < ratio < math.inf):
+            raise ValueError(f"LoRAConfig.loraplus_ratio must be None or a finite number > 0 (lambda = eta_B / "
+                             f"eta_A); got {self.loraplus_ratio!r}")
 
     @property
     def scale(self) -> float:
@@ -245,12 +261,25 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
         limit = min(lin.weight.shape)
         if config.r > limit:
             raise ValueError(f"LoRA rank r={config.r} exceeds min(in, out) = {limit} of {name} {tuple(lin.weight.shape)}")
+        if getattr(lin, "quantized", False):      # an NF4 base (quant.py): LoRA on it is QLoRA
+            from .quant import qlora_refusal
+            if qlora_refusal(config):
+                raise ValueError(f"{name} is a 4-bit NF4 layer: {qlora_refusal(config)}")
     freeze_pretrained(model)     # adapters, prefixes or prompts added before LoRA stay trainable
     rng = numpy.random.default_rng(seed)
     dropout_rng = backend.rng(seed + 1)
+    layer_class, extra = LoRALinear, {}
+    if config.use_dora:
+        from .dora import DoRALinear       # dora.py builds on this module
+        layer_class, extra = DoRALinear, {"norm_gradient": config.dora_norm_gradient}
     for name, parent, attr, lin in chosen:
-        wrapped = LoRALinear(lin, config.r, config.alpha, config.dropout, config.use_rslora, config.init, rng,
-                             dropout_rng)
+        if getattr(lin, "quantized", False):
+            from .quant import QLoRALinear     # the frozen path dequantises the 4-bit W; the adapter is LoRA's
+            wrapped = QLoRALinear(lin, config.r, config.alpha, config.dropout, config.use_rslora, config.init, rng,
+                                  dropout_rng)
+        else:
+            wrapped = layer_class(lin, config.r, config.alpha, config.dropout, config.use_rslora, config.init, rng,
+                                  dropout_rng, **extra)
         wrapped.training = lin.training
         setattr(parent, attr, wrapped)
     # loralib's bias modes: "all" trains every linear layer's bias, "lora_only" those of the adapted layers
@@ -287,6 +316,9 @@ def merge_lora(model: Module) -> None:
         raise ValueError("the model has no LoRA adapters to merge")
     if any(m.merged for _, m in layers):
         raise ValueError("the LoRA adapters are already merged; merging twice would add the update twice")
+    for name, m in layers:
+        if getattr(m, "quantized", False):    # QLoRA (quant.py): the base is 4-bit codes, not a float W
+            raise ValueError(f"cannot merge: {name} {m.merge_refusal()}; nothing was merged")
     merged = []
     for name, m in layers:
         with numpy.errstate(over="ignore", invalid="ignore"):   # non-finite results are reported below

@@ -91,7 +91,15 @@ class Module:
         return [p for _, p in self.named_parameters(trainable_only)]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.size for p in self.parameters(trainable_only))
+        """How many numbers the model holds (or trains): its Parameters, and the frozen weights stored packed."""
+        packed = 0 if trainable_only else sum(w.size for _, m in self.named_modules()
+                                              for w in m.packed_weights().values())
+        return sum(p.size for p in self.parameters(trainable_only)) + packed
+
+    def packed_weights(self) -> dict:
+        """{name: weight} of the frozen weights this module stores packed instead of as Parameters (quant.py's
+        NF4Weight), each with .size (the numbers it stands for) and .nbytes (its storage); none by default."""
+        return {}
 
     # -- training state -------------------------------------------------------------------------------
     def zero_grad(self) -> None:

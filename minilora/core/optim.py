@@ -2,6 +2,17 @@
 
 Optimizers keep state only for the parameters that were trainable when they were built, and skip any
 parameter without a gradient. ``lr`` is a plain attribute: a schedule sets it before each ``step()``.
+
+Parameter groups. An optimizer takes either Parameters (one group) or a list of groups, each a dict
+
+    {"params": [Parameter, ...], "lr_ratio": 1.0, "weight_decay": <the optimizer's>}     (AdamW)
+    {"params": [Parameter, ...], "lr_ratio": 1.0}                                         (SGD)
+
+and a group's parameters step with the rate ``lr * lr_ratio``. The ratio is relative on purpose: torch's
+groups carry absolute rates (``{"params": ..., "lr": 1e-3}``), which a schedule has to rewrite group by group;
+here the one ``lr`` the schedule sets drives every group, and the groups keep their proportions through warmup
+and decay (LoRA+ trains B at lambda times A's rate at every step: ``loraplus.loraplus_groups``). A group with
+ratio 1 and the optimizer's weight decay computes exactly what the same Parameters without groups compute.
 """
 from __future__ import annotations
 
@@ -11,13 +22,60 @@ import sys
 from . import backend
 from .nn import Parameter
 
+GROUP_KEYS = {"SGD": ("params", "lr_ratio"), "AdamW": ("params", "lr_ratio", "weight_decay")}
 
-def _trainable(params, who):
-    params = list(params)
-    for p in params:
-        if not isinstance(p, Parameter):
-            raise TypeError(f"{who} expects Parameters (model.parameters()); got {type(p).__name__}")
-    return [p for p in params if p.trainable]
+
+def _number(value, what, low_ok):
+    """A finite float > 0 (or >= 0 with low_ok) named ``what`` in the error."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
+            or not (value >= 0 if low_ok else value > 0):
+        raise ValueError(f"{what} must be a finite number {'>= 0' if low_ok else '> 0'}; got {value!r}")
+    return float(value)
+
+
+def param_groups(params, who, weight_decay=None) -> list:
+    """The groups of an optimizer's ``params``: [{"params": [trainable Parameters], "lr_ratio": float, ...}].
+
+    params: Parameters (one group, ratio 1) or a list of dicts (see the module's docstring). weight_decay: the
+    optimizer's default, filled into groups that do not give their own (None: the optimizer has none). Every
+    Parameter may appear once in all the groups together; frozen ones are dropped, as without groups.
+    """
+    params = [params] if isinstance(params, (Parameter, dict)) else list(params)
+    plain = not any(isinstance(g, dict) for g in params)
+    if plain:
+        groups = [{"params": params}]
+    elif all(isinstance(g, dict) for g in params):
+        groups = params
+    else:
+        raise TypeError(f"{who} expects Parameters or a list of parameter groups (dicts), not a mixture; got "
+                        f"{[type(g).__name__ for g in params]}")
+    allowed = GROUP_KEYS[who]
+    out, seen = [], set()
+    for i, group in enumerate(groups):
+        unknown = sorted(set(group) - set(allowed))
+        if unknown:
+            hint = (" (a group's rate is relative: lr_ratio multiplies the optimizer's lr, which the schedule "
+                    "sets)") if "lr" in unknown else ""
+            raise ValueError(f"{who} parameter group {i} has unknown keys {unknown}; expected {list(allowed)}{hint}")
+        if "params" not in group:
+            raise ValueError(f"{who} parameter group {i} has no 'params'")
+        members = group["params"]
+        members = [members] if isinstance(members, Parameter) else list(members)
+        for p in members:
+            if not isinstance(p, Parameter):
+                where = "" if plain else f" in parameter group {i}"
+                raise TypeError(f"{who} expects Parameters (model.parameters()){where}; got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError(f"{who}: a Parameter of shape {tuple(p.shape)} appears twice (in group {i}); "
+                                 "every parameter belongs to one group only")
+            seen.add(id(p))
+        entry = {"params": [p for p in members if p.trainable],
+                 "lr_ratio": _number(group.get("lr_ratio", 1.0), f"{who} parameter group {i}'s lr_ratio", False)}
+        if weight_decay is not None:
+            entry["weight_decay"] = _number(group.get("weight_decay", weight_decay),
+                                            f"{who} parameter group {i}'s weight_decay", True)
+        out.append(entry)
+    return out
 
 
 def _check_lr(lr):
@@ -27,10 +85,14 @@ def _check_lr(lr):
 
 
 class SGD:
-    """v = momentum * v + g; p -= lr * v (plain SGD when momentum = 0)."""
+    """v = momentum * v + g; p -= lr * lr_ratio * v (plain SGD when momentum = 0).
+
+    params: Parameters, or parameter groups {"params": [...], "lr_ratio": float} (see the module's docstring).
+    """
 
     def __init__(self, params, lr, momentum=0.0):
-        self.params = _trainable(params, "SGD")
+        self.groups = param_groups(params, "SGD")
+        self.params = [p for group in self.groups for p in group["params"]]
         self.lr = _check_lr(lr)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1); got {momentum!r}")
@@ -38,18 +100,22 @@ class SGD:
         self.velocity = [None] * len(self.params)
 
     def step(self) -> None:
-        for i, p in enumerate(self.params):
-            if p.grad is None or not p.trainable:
-                continue
-            if self.momentum:
-                if self.velocity[i] is None:
-                    self.velocity[i] = backend.get_array_module(p.data).zeros_like(p.data)
-                v = self.velocity[i]
-                v *= self.momentum
-                v += p.grad
-                p.data -= self.lr * v
-            else:
-                p.data -= self.lr * p.grad
+        i = -1                                          # the index of p in self.params (and its velocity)
+        for group in self.groups:
+            lr = self.lr * group["lr_ratio"]
+            for p in group["params"]:
+                i += 1
+                if p.grad is None or not p.trainable:
+                    continue
+                if self.momentum:
+                    if self.velocity[i] is None:
+                        self.velocity[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                    v = self.velocity[i]
+                    v *= self.momentum
+                    v += p.grad
+                    p.data -= lr * v
+                else:
+                    p.data -= lr * p.grad
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -76,18 +142,24 @@ class AdamW:
     p -= lr * weight_decay * p            (only parameters with p.decay: matrices, not biases/LayerNorm/embeddings)
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+    with lr = self.lr * lr_ratio of the parameter's group. params: Parameters, or parameter groups
+    {"params": [...], "lr_ratio": float, "weight_decay": float} (see the module's docstring). ``params``, ``m``
+    and ``v`` are flat lists in the groups' order (a checkpoint stores the moments by parameter name, so the
+    grouping never changes what is saved).
     """
 
     def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
-        self.params = _trainable(params, "AdamW")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+        self.groups = param_groups(params, "AdamW", weight_decay=weight_decay)
+        self.params = [p for group in self.groups for p in group["params"]]
         self.lr = _check_lr(lr)
         b1, b2 = betas
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1); got {betas!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0; got {eps!r}")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
         self.betas, self.eps, self.weight_decay = (float(b1), float(b2)), float(eps), float(weight_decay)
         self.t = 0
         self.m = [None] * len(self.params)
@@ -95,14 +167,18 @@ class AdamW:
 
     def step(self) -> None:
         self.t += 1
-        for i, p in enumerate(self.params):
-            if p.grad is None or not p.trainable:
-                continue
-            if self.m[i] is None:
-                self.m[i] = backend.get_array_module(p.data).zeros_like(p.data)
-                self.v[i] = backend.get_array_module(p.data).zeros_like(p.data)
-            PAIRS.adamw_update(p.data, p.grad, self.m[i], self.v[i], self.lr, self.betas[0], self.betas[1],
-                               self.eps, self.weight_decay if p.decay else 0.0, self.t)
+        i = -1                                          # the index of p in self.params (and its moments)
+        for group in self.groups:
+            lr = self.lr * group["lr_ratio"]
+            for p in group["params"]:
+                i += 1
+                if p.grad is None or not p.trainable:
+                    continue
+                if self.m[i] is None:
+                    self.m[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                    self.v[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                PAIRS.adamw_update(p.data, p.grad, self.m[i], self.v[i], lr, self.betas[0], self.betas[1],
+                                   self.eps, group["weight_decay"] if p.decay else 0.0, self.t)
 
     def zero_grad(self) -> None:
         for p in self.params:

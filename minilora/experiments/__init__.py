@@ -20,6 +20,8 @@ STUDIES = {
     "delta-w": "delta_w",                  # paper 7.3: how Delta W relates to W (Table 7)
     "full-spectrum": "full_spectrum",      # full fine-tuning's Delta W is low-rank too
     "rslora": "rslora",                    # alpha / r against alpha / sqrt(r)
+    "lora-plus": "lora_plus",              # LoRA+: B at lambda times A's learning rate, convergence speed
+    "qlora": "qlora",                      # LoRA on a 4-bit NF4 base against LoRA on the float base
     "intrinsic-toy": "intrinsic_toy",      # Li et al.'s toy problem whose intrinsic dimension is exactly 10
     "intrinsic-mlp": "intrinsic_mlp",      # a small network on a small real data set, d on a log scale
     "intrinsic-gpt": "intrinsic_gpt",      # the tiny GPT: d90 pretrained vs random init, DID vs SAID, vs LoRA

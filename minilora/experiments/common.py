@@ -21,6 +21,7 @@ from ..core import backend
 from ..data import load_corpus
 from ..finetune import finetune
 from ..core.lora import LoRAConfig, lora_modules
+from ..core.methods import MethodSettings
 from ..io.pretrained import load_pretrained
 from ..train import TrainConfig, evaluate
 from . import protocol
@@ -82,16 +83,26 @@ def pretrained_val_loss(settings: RunSettings, part: str) -> float:
 
 
 def run_lora(targets, r: int, seed: int, settings: RunSettings, alpha: float | None = None,
-             use_rslora: bool = False, *, lr: float, part: str):
+             use_rslora: bool = False, *, lr: float, part: str, loraplus_ratio: float | None = None,
+             nf4: bool = False):
     """Fine-tune a fresh copy of the shipped model with LoRA at peak rate lr, scored on ``part`` ("dev" or
     "test"); returns (model, FinetuneRun).
 
-    alpha: None means 2 r (scale 2 at every rank)."""
+    alpha: None means 2 r (scale 2 at every rank). loraplus_ratio: LoRA+ (the "loraplus" method), lora_B at
+    that multiple of lr; None: plain LoRA. nf4: LoRA on the model's linear weights frozen in 4-bit NF4 (the
+    "qlora" method, MethodSettings.nf4's blocks)."""
     model = load_pretrained(dropout=0.0)
     config = LoRAConfig(r=r, alpha=2.0 * r if alpha is None else alpha, targets=tuple(targets),
                         use_rslora=use_rslora)
-    run = finetune(model, "lora", held_out(part), train_config(settings, lr, seed), config,
-                   latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label=f"LoRA r={r}")
+    method, label = ("lora", f"LoRA r={r}") if loraplus_ratio is None else ("loraplus", f"LoRA+ r={r} "
+                                                                                       f"lambda={loraplus_ratio:g}")
+    extra = {} if loraplus_ratio is None else {"settings": MethodSettings(loraplus_ratio=loraplus_ratio)}
+    if nf4:
+        if loraplus_ratio is not None:
+            raise ValueError("run_lora: nf4 (QLoRA) and loraplus_ratio (LoRA+) are separate methods; give one")
+        method, label = "qlora", f"QLoRA r={r}"
+    run = finetune(model, method, held_out(part), train_config(settings, lr, seed), config,
+                   latency_repeats=0, eval_batches=settings.eval_batches, seed=seed, label=label, **extra)
     return model, run
 
 

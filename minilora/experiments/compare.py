@@ -70,6 +70,10 @@ GRID_CENTRES = {
     "lora": (3e-2, 3e-2),
     "lora+adapters": (3e-2, 3e-3),
     "lora+prefix": (3e-2, 3e-2),
+    "dora": (3e-2, 3e-2),
+    "vera": (1e-1, 1e-1),
+    "loraplus": (1e-2, 1e-2),
+    "qlora": (3e-2, 3e-2),
 }
 
 # the methods set against LoRA at a matched trainable count, and the target sets LoRA may use to match them

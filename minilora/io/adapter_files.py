@@ -14,23 +14,33 @@ import json
 from pathlib import Path
 
 from ..core import backend
+from ..core.dora import DoRALinear
 from ..core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, apply_lora, linear_modules, lora_modules
 from ..core.nn import Module
+from ..core.quant import NF4Weight, dequantize_nf4
 from .files import load_safetensors, read_json, save_safetensors, write_json
+
+
+def _frozen_array(weight):
+    """The array a layer's weight computes with: a Parameter's data, or a 4-bit weight dequantised (in float32,
+    whatever the model's dtype, so that the same base gives the same fingerprint)."""
+    return dequantize_nf4(weight, "float32") if isinstance(weight, NF4Weight) else weight.data
 
 
 def base_fingerprint(model: Module, modules=None) -> str:
     """sha256 of the frozen base weights an adapter adapts: the weight W of each adapted linear module, in name
-    order (unmerged: a merged layer's W before the merge). modules: the names (None: the model's LoRA layers)."""
+    order (unmerged: a merged layer's W before the merge; 4-bit: the dequantised W, what the adapter trained
+    on, so a QLoRA adapter loads onto a base quantised the same way and is refused on the float original).
+    modules: the names (None: the model's LoRA layers)."""
     lora_layers = dict(lora_modules(model))
     linears = {name: linear for name, _, _, linear in linear_modules(model)}
     digest = hashlib.sha256()
     for name in sorted(modules if modules is not None else lora_layers):
         if name in lora_layers:
             layer = lora_layers[name]
-            weight = layer.__dict__.get("_weight_before_merge") if layer.merged else layer.weight.data
+            weight = layer.__dict__.get("_weight_before_merge") if layer.merged else _frozen_array(layer.weight)
         elif name in linears:
-            weight = linears[name].weight.data
+            weight = _frozen_array(linears[name].weight)
         else:
             raise ValueError(f"the model has no linear module {name!r}")
         array = backend.to_numpy(weight)
@@ -40,7 +50,8 @@ def base_fingerprint(model: Module, modules=None) -> str:
 
 
 def adapter_state(model: Module) -> dict:
-    """{name: array} of what an adapter file holds: every lora_A / lora_B, and the biases that train."""
+    """{name: array} of what an adapter file holds: every lora_A / lora_B (and DoRA's lora_magnitude), and the
+    biases that train."""
     layers = lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters")
@@ -51,6 +62,8 @@ def adapter_state(model: Module) -> dict:
             raise ValueError("a PiSSA adapter changes the base weights; save the whole model "
                              "(interop.save_hf_gpt2) or export it with interop.save_peft_adapter")
         state[f"{name}.lora_A"], state[f"{name}.lora_B"] = A, B
+        if isinstance(m, DoRALinear):
+            state[f"{name}.lora_magnitude"] = m.lora_magnitude.data
     config = getattr(model, "lora_config", None)
     if config is not None and config.bias != "none":
         for name, p in model.named_parameters(trainable_only=True):
@@ -118,8 +131,13 @@ def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> M
         raise ValueError("the model's LoRA adapters are merged: loading an adapter now would leave the merged "
                          "update in W; unmerge_lora(model) first")
     if existing:
+        if any(isinstance(m, DoRALinear) != config.use_dora for m in existing.values()):
+            raise ValueError(f"the adapter in {directory} is {'DoRA' if config.use_dora else 'plain LoRA'}; the "
+                             f"model's LoRA layers are not")
         expected = {f"{n}.lora_A": tuple(m.lora_A.shape) for n, m in existing.items()}
         expected.update({f"{n}.lora_B": tuple(m.lora_B.shape) for n, m in existing.items()})
+        expected.update({f"{n}.lora_magnitude": tuple(m.lora_magnitude.shape) for n, m in existing.items()
+                         if isinstance(m, DoRALinear)})
     else:
         linears = {name: lin for name, _, _, lin in linear_modules(model)}
         missing = [n for n in meta.get("modules", []) if n not in linears]
@@ -130,6 +148,8 @@ def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> M
             in_f, out_f = linears[n].weight.shape
             expected[f"{n}.lora_A"] = (config.r, in_f)
             expected[f"{n}.lora_B"] = (out_f, config.r)
+            if config.use_dora:
+                expected[f"{n}.lora_magnitude"] = (out_f,)
     problems = []
     for key, shape in expected.items():
         if key not in tensors:

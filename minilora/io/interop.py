@@ -205,17 +205,27 @@ def save_peft_adapter(model: GPT, path) -> Path:
     """Write the model's LoRA adapters as a PEFT adapter for the GPT-2 written by ``save_hf_gpt2(model, ...)``.
 
     ``peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(hf_dir), path)`` then gives the same logits.
+    A VeRA model is written as a PEFT VeRA adapter (vera_files.save_peft_vera).
     """
+    from ..core.vera import vera_modules
+    if vera_modules(model):
+        from .vera_files import save_peft_vera
+        return save_peft_vera(model, path)
+    from ..core.dora import DoRALinear, column_norm
     from ..core.lora import lora_modules
 
     layers = lora_modules(model)
     if not layers:
         raise ValueError("the model has no LoRA adapters to export")
+    use_dora = isinstance(layers[0][1], DoRALinear)
+    if any(isinstance(m, DoRALinear) != use_dora for _, m in layers):
+        raise ValueError("the model mixes DoRA and plain LoRA layers; a PEFT adapter is one or the other")
     if any(m.merged for _, m in layers):
         raise ValueError("the adapters are merged into the weights: unmerge_lora(model) before exporting them")
     config = getattr(model, "lora_config", None)
     if config is not None and config.bias != "none":
         raise ValueError(f"bias={config.bias!r} adapters are not exported to PEFT; use bias='none'")
+    modules = dict(model.named_modules())
     groups = {}   # HF module -> list of (third or None, LoRALinear)
     for name, m in layers:
         hf_name, third = _hf_module_name(name)
@@ -238,6 +248,16 @@ def save_peft_adapter(model: GPT, path) -> Path:
                 col += r
         tensors[f"{_PEFT_PREFIX}{hf_name}.lora_A.weight"] = numpy.concatenate(A_parts, axis=0)
         tensors[f"{_PEFT_PREFIX}{hf_name}.lora_B.weight"] = B
+        if use_dora:    # PEFT's magnitude covers the whole module: an unadapted third of c_attn keeps g = m / ||W|| = 1
+            if parts[0][0] is None:
+                magnitude = backend.to_numpy(parts[0][1].lora_magnitude.data)
+            else:
+                adapted = {third: m for third, m in parts}
+                block = hf_name[len("transformer."):-len(".attn.c_attn")]
+                magnitude = numpy.concatenate([
+                    backend.to_numpy(adapted[t].lora_magnitude.data) if t in adapted
+                    else backend.to_numpy(column_norm(modules[f"{block}.attn.{t}"].weight.data)) for t in _QKV])
+            tensors[f"{_PEFT_PREFIX}{hf_name}.lora_magnitude_vector"] = magnitude
         ranks[hf_name], alphas[hf_name] = rank, scale * rank      # PEFT: scaling = lora_alpha / r
         dropout = max(dropout, max(m.dropout for _, m in parts))
     first = next(iter(ranks))
@@ -245,7 +265,7 @@ def save_peft_adapter(model: GPT, path) -> Path:
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
         "r": ranks[first], "lora_alpha": alphas[first], "rank_pattern": ranks, "alpha_pattern": alphas,
         "target_modules": sorted(ranks), "lora_dropout": dropout, "fan_in_fan_out": True, "bias": "none",
-        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "modules_to_save": None,
+        "use_rslora": False, "use_dora": use_dora, "init_lora_weights": True, "modules_to_save": None,
         "inference_mode": True,
     }
     path = Path(path)
@@ -270,7 +290,13 @@ def _pattern_value(pattern: dict, module_name: str, default):
 
 
 def load_peft_adapter(model: GPT, path) -> GPT:
-    """Apply a PEFT LoRA adapter saved for a GPT-2 model to a minilora GPT without adapters (in place)."""
+    """Apply a PEFT LoRA adapter saved for a GPT-2 model to a minilora GPT without adapters (in place); a PEFT
+    VeRA adapter goes to vera_files.load_peft_vera."""
+    config_path = Path(path) / "adapter_config.json"
+    if config_path.is_file() and read_json(config_path).get("peft_type") == "VERA":
+        from .vera_files import load_peft_vera
+        return load_peft_vera(model, path)
+    from ..core.dora import DoRALinear
     from ..core.lora import LoRAConfig, LoRALinear, lora_modules
 
     path = Path(path)
@@ -283,14 +309,17 @@ def load_peft_adapter(model: GPT, path) -> GPT:
                          f"{list(PEFT_REQUIRED)} (refusing to guess their values)")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter; only LORA is supported")
-    for key, ok in (("use_dora", False), ("bias", "none")):
-        if config.get(key, ok) != ok:
-            raise ValueError(f"{path}: {key}={config.get(key)!r} is not supported (expected {ok!r})")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias={config.get('bias')!r} is not supported (expected 'none')")
+    use_dora = config.get("use_dora", False)
+    if use_dora not in (True, False):
+        raise ValueError(f"{path / 'adapter_config.json'}: use_dora={use_dora!r}; expected true or false")
     tensors, header = load_safetensors(path / "adapter_model.safetensors")
     if PEFT_CONFIG_COPY in header and json.loads(header[PEFT_CONFIG_COPY]) != config:
         raise ValueError(f"{path / 'adapter_config.json'} does not match the config minilora wrote with "
                          f"{path / 'adapter_model.safetensors'}: it was edited, or a save was interrupted")
-    unknown = sorted(k for k in tensors if not k.endswith((".lora_A.weight", ".lora_B.weight")))
+    known = (".lora_A.weight", ".lora_B.weight") + ((".lora_magnitude_vector",) if use_dora else ())
+    unknown = sorted(k for k in tensors if not k.endswith(known))
     if unknown:
         raise ValueError(f"{path / 'adapter_model.safetensors'} holds tensors minilora cannot apply: {unknown}")
     orphans = sorted(k for k in tensors if k.endswith(".lora_B.weight")
@@ -299,12 +328,16 @@ def load_peft_adapter(model: GPT, path) -> GPT:
         raise ValueError(f"{path}: {orphans} have no matching lora_A")
     C = model.config.n_embd
     modules = dict(model.named_modules())
-    plan = []   # (our module name, A, B, scale)
+    plan = []   # (our module name, A, B, scale, DoRA magnitude or None)
     for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
         hf_name = key[len(_PEFT_PREFIX):-len(".lora_A.weight")] if key.startswith(_PEFT_PREFIX) else key[:-len(".lora_A.weight")]
         A, B = tensors[key], tensors.get(key.replace(".lora_A.", ".lora_B."))
         if B is None:
             raise ValueError(f"{path}: {key} has no matching lora_B")
+        magnitude = tensors.get(key.replace(".lora_A.weight", ".lora_magnitude_vector")) if use_dora else None
+        if use_dora and (magnitude is None or magnitude.shape != (B.shape[0],)):
+            raise ValueError(f"{path}: use_dora is set, so {hf_name} needs a lora_magnitude_vector of shape "
+                             f"{(B.shape[0],)}; found {None if magnitude is None else magnitude.shape}")
         r = A.shape[0]
         alpha = _pattern_value(config.get("alpha_pattern"), hf_name, config.get("lora_alpha", 8))
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -316,16 +349,20 @@ def load_peft_adapter(model: GPT, path) -> GPT:
             for j, third in enumerate(("q_proj", "k_proj", "v_proj")):
                 rows = B[j * C:(j + 1) * C]
                 cols = numpy.flatnonzero(numpy.abs(rows).sum(axis=0))
+                m_third = None if magnitude is None else magnitude[j * C:(j + 1) * C]
+                if not cols.size and m_third is not None and f"{block}.attn.{third}" in modules \
+                        and not _magnitude_is_norm(m_third, modules[f"{block}.attn.{third}"].weight.data):
+                    cols = numpy.arange(1)    # no update, but a trained magnitude: DoRA with a zero B column
                 if cols.size:
-                    plan.append((f"{block}.attn.{third}", A[cols], rows[:, cols], scale))
+                    plan.append((f"{block}.attn.{third}", A[cols], rows[:, cols], scale, m_third))
         else:
             ours = next((short[:-len(theirs)] + o for o, theirs in _HF_LORA_NAMES.items() if short.endswith(theirs)), None)
             if ours is None:
                 raise ValueError(f"{path}: no minilora module corresponds to {hf_name!r}")
-            plan.append((ours, A, B, scale))
+            plan.append((ours, A, B, scale, magnitude))
     if not plan:
         raise ValueError(f"{path}: the adapter holds no lora_A/lora_B tensors")
-    for name, A, B, _ in plan:
+    for name, A, B, *_ in plan:
         if name not in modules:
             raise ValueError(f"{path}: the adapter targets {name!r}, which this model does not have")
         W = modules[name].weight
@@ -334,16 +371,29 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     for p in model.parameters():
         p.trainable = False
     dropout_rng = backend.rng(1)
-    for name, A, B, scale in plan:
+    for name, A, B, scale, magnitude in plan:
         parent_name, attr = name.rsplit(".", 1)
         base = modules[name]
         r = A.shape[0]
-        wrapped = LoRALinear(base, r, scale * r, config.get("lora_dropout", 0.0), dropout_rng=dropout_rng)
+        layer_class = DoRALinear if use_dora else LoRALinear
+        wrapped = layer_class(base, r, scale * r, config.get("lora_dropout", 0.0), dropout_rng=dropout_rng)
         wrapped.lora_A.data[...] = backend.asarray(A, dtype=base.weight.data.dtype)
         wrapped.lora_B.data[...] = backend.asarray(B, dtype=base.weight.data.dtype)
+        if use_dora:
+            wrapped.lora_magnitude.data[...] = backend.asarray(magnitude, dtype=base.weight.data.dtype)
         wrapped.training = base.training
         setattr(modules[parent_name], attr, wrapped)
-    ranks = sorted({A.shape[0] for _, A, _, _ in plan})
+    ranks = sorted({A.shape[0] for _, A, *_ in plan})
     model.lora_config = LoRAConfig(r=ranks[-1], alpha=plan[0][3] * ranks[-1], targets=tuple(n for n, *_ in plan),
-                                   dropout=config.get("lora_dropout", 0.0))
+                                   dropout=config.get("lora_dropout", 0.0), use_dora=use_dora)
     return model
+
+
+def _magnitude_is_norm(magnitude, W) -> bool:
+    """Whether a DoRA magnitude equals the column norms of W to the rounding of its own dtype, so that
+    g = m / ||W||_c is 1 and a third of c_attn without an update needs no DoRA layer."""
+    from ..core.dora import column_norm
+
+    norm = backend.to_numpy(column_norm(backend.asarray(W, dtype="float64")))
+    eps = numpy.finfo(numpy.dtype(magnitude.dtype)).eps
+    return bool(numpy.all(numpy.abs(magnitude.astype(numpy.float64) / norm - 1.0) <= 16 * eps))
