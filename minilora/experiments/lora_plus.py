@@ -222,14 +222,6 @@ def summary(result: LoraPlusResult) -> str:
     return "\n".join(rows)
 
 
-def _mean_curve(curves):
-    """(steps, mean, low, high) of per-seed curves that share their steps."""
-    steps = [step for step, _ in curves[0]]
-    per_step = [protocol.interval([curve[k][1] for curve in curves]) for k in range(len(steps))]
-    return (numpy.array(steps), numpy.array([p.mean for p in per_step]), numpy.array([p.low for p in per_step]),
-            numpy.array([p.high for p in per_step]))
-
-
 def plot(result: LoraPlusResult, path) -> None:
     """Left: test loss against step for every lambda at its tuned eta_A (mean over seeds, 95% band) and the
     target; middle: test loss after the budget against lambda; right: steps to target against lambda."""
@@ -241,7 +233,7 @@ def plot(result: LoraPlusResult, path) -> None:
     colours = matplotlib.colormaps["viridis"](numpy.linspace(0.0, 0.85, len(result.tuned)))
     ax = axes[0]
     for colour, t in zip(colours, result.tuned):
-        steps, mean, low, high = _mean_curve(t["curves"])
+        steps, mean, low, high = protocol.mean_curve(t["curves"])
         ax.plot(steps, mean, marker="o", markersize=2.5, color=colour, label=f"lambda = {t['ratio']:g} "
                                                                             f"(eta_A {t['lr']:g})")
         ax.fill_between(steps, low, high, color=colour, alpha=0.2)

@@ -279,3 +279,12 @@ def report_seeds(fast: bool) -> tuple:
 __all__ = ["Split", "split_corpus", "split_task", "interval", "Interval", "as_interval", "verdict", "verdict_above",
            "tune", "Tuning", "finding", "findings_table", "protocol_record", "report_seeds", "t_quantile",
            "SELECTION_SEED", "REPORT_SEEDS", "FAST_REPORT_SEEDS", "LR_SERIES", "NOT_DISTINGUISHABLE"]
+
+
+def mean_curve(curves) -> tuple:
+    """(steps, mean, low, high) of per-seed curves [[step, value], ...] that share their steps: the mean and its
+    95% interval at every step, as arrays (for a line with a band)."""
+    steps = [step for step, _ in curves[0]]
+    per_step = [interval([curve[k][1] for curve in curves]) for k in range(len(steps))]
+    return (numpy.array(steps), numpy.array([p.mean for p in per_step]), numpy.array([p.low for p in per_step]),
+            numpy.array([p.high for p in per_step]))

@@ -301,14 +301,6 @@ def summary(result: RsLoRAResult) -> str:
     return "\n".join(rows)
 
 
-def _mean_curve(curves):
-    """(steps, mean, low, high) of per-seed curves that share their steps."""
-    steps = [step for step, _ in curves[0]]
-    per_step = [protocol.interval([curve[k][1] for curve in curves]) for k in range(len(steps))]
-    return (numpy.array(steps), numpy.array([p.mean for p in per_step]), numpy.array([p.low for p in per_step]),
-            numpy.array([p.high for p in per_step]))
-
-
 def plot(result: RsLoRAResult, path) -> None:
     """Test loss against step at the one fixed lr, one line per rank (mean over seeds, 95% band): s = alpha / r
     (left), alpha / sqrt(r) (middle); right: test loss against r with each rule at its own tuned lr."""
@@ -320,7 +312,7 @@ def plot(result: RsLoRAResult, path) -> None:
     colours = matplotlib.colormaps["viridis"](numpy.linspace(0.0, 0.85, len(result.ranks)))
     for ax, scaling in zip(axes[:2], SCALINGS):
         for colour, r, s, curves in zip(colours, result.ranks, result.scales[scaling], result.curves[scaling]):
-            steps, mean, low, high = _mean_curve(curves)
+            steps, mean, low, high = protocol.mean_curve(curves)
             ax.plot(steps, mean, marker="o", markersize=2.5, color=colour, label=f"r = {r} (s = {s:.3g})")
             ax.fill_between(steps, low, high, color=colour, alpha=0.2)
         ax.axhline(result.pretrained_loss, color="grey", linestyle=":", linewidth=1, label="pretrained")

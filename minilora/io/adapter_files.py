@@ -91,18 +91,23 @@ def save_lora(model: Module, directory) -> Path:
 def read_lora(directory) -> tuple[dict, dict]:
     """(tensors, configuration) of a saved adapter, every file verified: the weights file's integrity record,
     no NaN or inf, and the readable adapter_config.json equal to the configuration sealed in the weights."""
-    directory = Path(directory)
-    tensors, header = load_safetensors(directory / ADAPTER_WEIGHTS, sealed=True)
+    return read_sealed(Path(directory), ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+
+def read_sealed(directory: Path, weights_name: str, config_name: str) -> tuple[dict, dict]:
+    """(tensors, configuration) of an adapter folder: the weights file (integrity record verified, no NaN or inf)
+    and the configuration sealed in its header, which the readable copy config_name, when present, must equal."""
+    tensors, header = load_safetensors(directory / weights_name, sealed=True)
     try:
         meta = json.loads(header["minilora"])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{directory / ADAPTER_WEIGHTS} holds no adapter configuration ({exc})") from None
-    copy_path = directory / ADAPTER_CONFIG
+        raise ValueError(f"{directory / weights_name} holds no adapter configuration ({exc})") from None
+    copy_path = directory / config_name
     if copy_path.exists():
         copy = read_json(copy_path)
         if copy != meta:
             differing = sorted(k for k in set(copy) | set(meta) if copy.get(k) != meta.get(k))
-            raise ValueError(f"{copy_path} does not match the configuration sealed in {directory / ADAPTER_WEIGHTS} "
+            raise ValueError(f"{copy_path} does not match the configuration sealed in {directory / weights_name} "
                              f"(differing: {differing}): it was edited, or a save was interrupted between the two "
                              "files; save the adapter again (or delete the copy to load what the weights file holds)")
     return tensors, meta

@@ -47,7 +47,7 @@ from ..core import backend
 from ..core.lora import _matches, linear_modules, lora_modules
 from ..core.nn import Module
 from ..core.vera import VeRAConfig, apply_vera, projection, projection_shape, vera_modules
-from .adapter_files import base_fingerprint
+from .adapter_files import base_fingerprint, read_sealed
 from .files import load_safetensors, read_json, save_safetensors, write_json
 
 VERA_WEIGHTS = "vera_adapter.safetensors"
@@ -129,21 +129,9 @@ def read_vera(directory) -> tuple[dict, dict]:
     """(tensors, configuration) of a saved VeRA adapter: the integrity record, no NaN or inf, and the readable
     copy equal to the sealed configuration."""
     directory = Path(directory)
-    tensors, header = load_safetensors(directory / VERA_WEIGHTS, sealed=True)
-    try:
-        meta = json.loads(header["minilora"])
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{directory / VERA_WEIGHTS} holds no adapter configuration ({exc})") from None
+    tensors, meta = read_sealed(directory, VERA_WEIGHTS, VERA_CONFIG)
     if meta.get("method") != "vera" or "vera_config" not in meta:
         raise ValueError(f"{directory / VERA_WEIGHTS} is not a VeRA adapter (method {meta.get('method')!r})")
-    copy_path = directory / VERA_CONFIG
-    if copy_path.exists():
-        copy = read_json(copy_path)
-        if copy != meta:
-            differing = sorted(k for k in set(copy) | set(meta) if copy.get(k) != meta.get(k))
-            raise ValueError(f"{copy_path} does not match the configuration sealed in {directory / VERA_WEIGHTS} "
-                             f"(differing: {differing}): it was edited, or a save was interrupted between the two "
-                             "files; save the adapter again (or delete the copy to load what the weights file holds)")
     return tensors, meta
 
 
