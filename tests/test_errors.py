@@ -306,3 +306,36 @@ def test_optimizer_arguments(model, make, message):
 def test_optimizer_needs_parameters():
     with pytest.raises(TypeError, match="expects Parameters.*ndarray"):
         ml.AdamW([np.zeros(3)])
+
+
+def test_a_peft_adapter_config_is_checked_field_by_field_before_the_model_changes(tmp_path):
+    """A PEFT adapter_config.json that is not an object, has a field of the wrong type, or asks for something
+    the loader does not apply (modules_to_save, lora_bias, trainable tokens, an initialisation that changes the
+    base) is refused naming the file and the field; the model is left as it was."""
+    import json
+
+    model = ml.GPT(ml.GPTConfig(**CFG), seed=0, dtype="float64")
+    ml.apply_lora(model, ml.LoRAConfig(r=2, alpha=4))
+    ml.interop.save_peft_adapter(model, tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "adapter_config.json").read_text())
+    cases = {
+        "a list": ([config], "holds a JSON list; a PEFT adapter config is a JSON object"),
+        "alpha null": ({**config, "lora_alpha": None}, r"lora_alpha=None; expected a finite number > 0"),
+        "r as text": ({**config, "r": "2"}, r"r='2'; expected an int >= 1"),
+        "modules_to_save": ({**config, "modules_to_save": ["ln_f"]}, r"modules_to_save=\['ln_f'\] \(full copies"),
+        "lora_bias": ({**config, "lora_bias": True}, r"lora_bias=True \(trained biases"),
+        "trainable tokens": ({**config, "trainable_token_indices": [1, 2]}, r"trainable_token_indices="),
+        "pissa": ({**config, "init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changes the base weights"),
+    }
+    base = ml.GPT(ml.GPTConfig(**CFG), seed=0, dtype="float64")
+    before = {n: p.data.copy() for n, p in base.named_parameters()}
+    for name, (bad, message) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text(json.dumps(bad))
+        (folder / "adapter_model.safetensors").write_bytes((tmp_path / "good" / "adapter_model.safetensors").read_bytes())
+        with pytest.raises(ValueError, match=message) as caught:
+            ml.interop.load_peft_adapter(base, folder)
+        assert "adapter_config.json" in str(caught.value), name
+        assert not ml.lora.lora_modules(base), name
+        assert all(np.array_equal(p.data, before[n]) for n, p in base.named_parameters()), name

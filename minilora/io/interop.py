@@ -281,6 +281,56 @@ PEFT_CONFIG_COPY = "minilora_adapter_config"
 PEFT_REQUIRED = ("r", "lora_alpha", "target_modules")
 
 
+def read_peft_config(path) -> dict:
+    """An adapter_config.json as a dict: a clear error naming the file when it is not JSON or not an object."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}; a PEFT adapter config is a JSON object")
+    return config
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# field: (what it must be, the test); checked before anything else is read
+_LORA_FIELDS = {
+    "r": ("an int >= 1", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+    "lora_alpha": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
+    "target_modules": ("a module name or a list of them", lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(t, str) for t in v))),
+    "lora_dropout": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),
+    "use_rslora": ("true or false", lambda v: isinstance(v, bool)),
+    "use_dora": ("true or false", lambda v: isinstance(v, bool)),
+    "rank_pattern": ("an object {module pattern: int >= 1}", lambda v: v is None or (isinstance(v, dict) and all(
+        isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in v.values()))),
+    "alpha_pattern": ("an object {module pattern: number > 0}", lambda v: v is None or (isinstance(v, dict) and all(
+        _is_number(a) and a > 0 for a in v.values()))),
+}
+# fields whose non-default value changes the model in ways this loader does not apply: refused by name
+_UNSUPPORTED = {
+    "modules_to_save": (None, [], "full copies of whole modules"),
+    "lora_bias": (False, "trained biases of the LoRA B layers"),
+    "trainable_token_indices": (None, "trained rows of the token embedding"),
+}
+
+
+def _check_lora_fields(config: dict, file) -> None:
+    for key, (expected, ok) in _LORA_FIELDS.items():
+        if key in config and not ok(config[key]):
+            raise ValueError(f"{file}: {key}={config[key]!r}; expected {expected}")
+    for key, (*defaults, what) in _UNSUPPORTED.items():
+        if config.get(key, defaults[0]) not in defaults:
+            raise ValueError(f"{file}: {key}={config[key]!r} ({what}) is not supported by minilora's loader; "
+                             f"expected {defaults[0]!r}")
+    init = config.get("init_lora_weights", True)
+    if init not in (True, False, "gaussian"):
+        raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights (the adapter belongs to "
+                         "PEFT's residual base, not to the original weights); load it over the base PEFT saved "
+                         "with it, or save it with path_initial_model_for_weight_conversion so that it applies "
+                         "to the original weights")
+
+
 def _pattern_value(pattern: dict, module_name: str, default):
     """PEFT's rank_pattern / alpha_pattern lookup: a key matches a module name that ends with it."""
     for key, value in (pattern or {}).items():
@@ -293,7 +343,7 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     """Apply a PEFT LoRA adapter saved for a GPT-2 model to a minilora GPT without adapters (in place); a PEFT
     VeRA adapter goes to vera_files.load_peft_vera."""
     config_path = Path(path) / "adapter_config.json"
-    if config_path.is_file() and read_json(config_path).get("peft_type") == "VERA":
+    if config_path.is_file() and read_peft_config(config_path).get("peft_type") == "VERA":
         from .vera_files import load_peft_vera
         return load_peft_vera(model, path)
     from ..core.dora import DoRALinear
@@ -302,11 +352,12 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     path = Path(path)
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters; load a PEFT adapter into a base model")
-    config = read_json(path / "adapter_config.json")
+    config = read_peft_config(path / "adapter_config.json")
     missing = [key for key in PEFT_REQUIRED if key not in config]
     if missing:
         raise ValueError(f"{path / 'adapter_config.json'} lacks {missing}: a PEFT LoRA config always has "
                          f"{list(PEFT_REQUIRED)} (refusing to guess their values)")
+    _check_lora_fields(config, path / "adapter_config.json")
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter; only LORA is supported")
     if config.get("bias", "none") != "none":
