@@ -68,6 +68,19 @@ def lora_backward(dy, cache, weight_grad=False, bias_grad=False):
 # the module
 
 
+def initial_adapter(init: str, r: int, in_features: int, out_features: int, rng):
+    """(A (r, in), B (out, r)) as float64 host arrays for the inits that leave W alone; B = 0, so the adapted
+    layer starts exactly at the base. init: "default" or "gaussian" (PiSSA needs W: LoRALinear._pissa_init)."""
+    if init == "default":           # loralib / PEFT: kaiming-uniform A (bound 1/sqrt(in)), B = 0
+        bound = 1.0 / math.sqrt(in_features)
+        A = rng.uniform(-bound, bound, size=(r, in_features))
+    elif init == "gaussian":        # PEFT's init_lora_weights="gaussian": A ~ N(0, 1/r^2), B = 0
+        A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
+    return A, numpy.zeros((out_features, r))
+
+
 class LoRALinear(Linear):
     """A Linear whose weight and bias stay frozen, plus the trainable pair lora_A (r, in), lora_B (out, r).
 
@@ -89,17 +102,10 @@ class LoRALinear(Linear):
         self.disabled = False
         dtype = self.weight.data.dtype
         rng = rng if rng is not None else numpy.random.default_rng(0)
-        if init == "default":       # loralib / PEFT: kaiming-uniform A (bound 1/sqrt(in)), B = 0
-            bound = 1.0 / math.sqrt(in_features)
-            A = rng.uniform(-bound, bound, size=(r, in_features))
-            B = numpy.zeros((out_features, r))
-        elif init == "gaussian":    # PEFT's init_lora_weights="gaussian": A ~ N(0, 1/r^2), B = 0
-            A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
-            B = numpy.zeros((out_features, r))
-        elif init == "pissa":       # PiSSA: the top-r singular directions of W move into A and B
+        if init == "pissa":         # PiSSA: the top-r singular directions of W move into A and B
             A, B = self._pissa_init(r)
         else:
-            raise ValueError(f"unknown LoRA init {init!r}; expected one of {INITS}")
+            A, B = initial_adapter(init, r, in_features, out_features, rng)
         self.lora_A = Parameter(backend.asarray(A.astype(dtype)), added_by="lora")
         self.lora_B = Parameter(backend.asarray(B.astype(dtype)), added_by="lora")
         self.init = init

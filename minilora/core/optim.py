@@ -78,6 +78,18 @@ def param_groups(params, who, weight_decay=None) -> list:
     return out
 
 
+def stepped(groups, lr):
+    """(i, p, lr * the group's lr_ratio, group) for every parameter that has a gradient to step with; i is p's
+    index in the optimizer's flat params list (and in its velocity or moments)."""
+    i = -1
+    for group in groups:
+        group_lr = lr * group["lr_ratio"]
+        for p in group["params"]:
+            i += 1
+            if p.grad is not None and p.trainable:
+                yield i, p, group_lr, group
+
+
 def _check_lr(lr):
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr >= 0:
         raise ValueError(f"learning rate must be a number >= 0; got {lr!r}")
@@ -100,22 +112,16 @@ class SGD:
         self.velocity = [None] * len(self.params)
 
     def step(self) -> None:
-        i = -1                                          # the index of p in self.params (and its velocity)
-        for group in self.groups:
-            lr = self.lr * group["lr_ratio"]
-            for p in group["params"]:
-                i += 1
-                if p.grad is None or not p.trainable:
-                    continue
-                if self.momentum:
-                    if self.velocity[i] is None:
-                        self.velocity[i] = backend.get_array_module(p.data).zeros_like(p.data)
-                    v = self.velocity[i]
-                    v *= self.momentum
-                    v += p.grad
-                    p.data -= lr * v
-                else:
-                    p.data -= lr * p.grad
+        for i, p, lr, _ in stepped(self.groups, self.lr):
+            if self.momentum:
+                if self.velocity[i] is None:
+                    self.velocity[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                v = self.velocity[i]
+                v *= self.momentum
+                v += p.grad
+                p.data -= lr * v
+            else:
+                p.data -= lr * p.grad
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -167,18 +173,12 @@ class AdamW:
 
     def step(self) -> None:
         self.t += 1
-        i = -1                                          # the index of p in self.params (and its moments)
-        for group in self.groups:
-            lr = self.lr * group["lr_ratio"]
-            for p in group["params"]:
-                i += 1
-                if p.grad is None or not p.trainable:
-                    continue
-                if self.m[i] is None:
-                    self.m[i] = backend.get_array_module(p.data).zeros_like(p.data)
-                    self.v[i] = backend.get_array_module(p.data).zeros_like(p.data)
-                PAIRS.adamw_update(p.data, p.grad, self.m[i], self.v[i], lr, self.betas[0], self.betas[1],
-                                   self.eps, group["weight_decay"] if p.decay else 0.0, self.t)
+        for i, p, lr, group in stepped(self.groups, self.lr):
+            if self.m[i] is None:
+                self.m[i] = backend.get_array_module(p.data).zeros_like(p.data)
+                self.v[i] = backend.get_array_module(p.data).zeros_like(p.data)
+            PAIRS.adamw_update(p.data, p.grad, self.m[i], self.v[i], lr, self.betas[0], self.betas[1],
+                               self.eps, group["weight_decay"] if p.decay else 0.0, self.t)
 
     def zero_grad(self) -> None:
         for p in self.params:

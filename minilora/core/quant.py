@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import numpy
 
 from . import backend, functional
-from .lora import LoRALinear
+from .lora import LoRALinear, initial_adapter
 from .nn import Linear, Module, Parameter
 
 F = backend.Pairs(functional)
@@ -380,13 +380,9 @@ class QLoRALinear(LoRALinear):
         self.disabled = False
         dtype = base.weight.dtype
         rng = rng if rng is not None else numpy.random.default_rng(0)
-        if init == "default":       # as LoRALinear: kaiming-uniform A (bound 1/sqrt(in)), B = 0
-            bound = 1.0 / math.sqrt(in_features)
-            A = rng.uniform(-bound, bound, size=(r, in_features))
-        else:                       # as LoRALinear's "gaussian": A ~ N(0, 1/r^2), B = 0
-            A = rng.normal(0.0, 1.0 / r, size=(r, in_features))
+        A, B = initial_adapter(init, r, in_features, out_features, rng)
         self.lora_A = Parameter(backend.asarray(A.astype(dtype)), added_by="lora")
-        self.lora_B = Parameter(backend.asarray(numpy.zeros((out_features, r), dtype=dtype)), added_by="lora")
+        self.lora_B = Parameter(backend.asarray(B.astype(dtype)), added_by="lora")
         self.init = init
 
     def packed_weights(self) -> dict:
