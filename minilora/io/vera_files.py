@@ -227,7 +227,7 @@ _ROLES = ("unfused", "q_proj", "k_proj", "v_proj")      # the column blocks of a
 def save_peft_vera(model: Module, path) -> Path:
     """Write the model's VeRA layers as a PEFT VeRA adapter (``save_projection=True``) for the GPT-2 written by
     ``interop.save_hf_gpt2(model, ...)``; ``peft.PeftModel.from_pretrained`` then gives the same logits."""
-    from .interop import PEFT_CONFIG_COPY, _PEFT_PREFIX, _hf_module_name
+    from .peft_files import PEFT_CONFIG_COPY, _PEFT_PREFIX, _hf_module_name
 
     layers = _vera_layers(model, "export")
     config = model.vera_config
@@ -345,7 +345,7 @@ def _unblock(weights, layout, r_file, A, B, unfused, fused, model):
 def load_peft_vera(model: Module, path) -> Module:
     """Apply a PEFT VeRA adapter saved for a GPT-2 model (with its pair: save_projection=True) to a minilora GPT
     without adapters (in place). Refused: a c_attn layer (see the module's docstring), a file without the pair."""
-    from .interop import PEFT_CONFIG_COPY, _HF_LORA_NAMES, _PEFT_PREFIX
+    from .peft_files import PEFT_CONFIG_COPY, _HF_LORA_NAMES, _PEFT_PREFIX
 
     path = Path(path)
     if lora_modules(model):
