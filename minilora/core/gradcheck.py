@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy
 
-from . import adapters, backend, dora, lora, prefix, quant, vera
+from . import adapters, backend, dora, lora, lora_extras, prefix, quant, vera
 from . import functional as F
 
 THRESHOLD = 1e-7
@@ -195,6 +195,10 @@ PAIRS = {
     # q: the 4-bit weight, a constant of the layer (no gradient); its dequantised W is fixed
     "nf4 linear": Pair(quant.nf4_linear_forward, quant.nf4_linear_backward, ("x", "q", "b"), ("x", "b"), "quant"),
     "qlora": Pair(quant.qlora_forward, quant.qlora_backward, ("x", "q", "b", "A", "B"), ("x", "A", "B", "b"), "quant"),
+    "embedding lora": Pair(lora_extras.embedding_lora_forward, lora_extras.embedding_lora_backward,
+                           ("idx", "W", "A", "B"), ("A", "B"), "lora_extras"),
+    "replace rows": Pair(lora_extras.replace_rows_forward, lora_extras.replace_rows_backward,
+                         ("W", "indices", "values"), ("values",), "lora_extras"),
 }
 
 
@@ -224,6 +228,16 @@ class Ids:
         if self.ignored is not None and ids.size > 2:
             ids.flat[0] = ids.flat[-1] = self.ignored
         return ids
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """An integer input that is the same in every case (the token ids of trainable rows)."""
+
+    values: tuple
+
+    def draw(self, rng):
+        return numpy.asarray(self.values, dtype=numpy.int64)
 
 
 @dataclass(frozen=True)
@@ -371,6 +385,13 @@ def gradient_cases(shapes=SHAPES) -> list:
                             B=Normal((C + 1, 2))), ("x", "A", "B", "b"), options=dict(scale=1.5, dropout_p=p),
                        flags=dict(bias_grad=True), mask_seed=5 if p else None)
                   for p in (0.0, 0.3)]
+
+        # LoRA on a table of 7 tokens (r = 2 < C, so a transposed A or B cannot fit) and trainable rows 1 and 5
+        cases += [Case("embedding lora", f"embedding lora V=7 r=2 {at}",
+                       dict(idx=Ids(7, (B, T)), W=Normal((7, C)), A=Normal((2, 7)), B=Normal((C, 2))), ("A", "B"),
+                       options=dict(scale=1.5)),
+                  Case("replace rows", f"replace rows 1, 5 of V=7 {at}",
+                       dict(W=Normal((7, C)), indices=Fixed((1, 5)), values=Normal((2, C))), ("values",))]
 
     # fixed shapes: inputs with fewer axes than (B, T, C), a wide GELU input, an odd vocabulary, LoRA without
     # bias and of rank 1

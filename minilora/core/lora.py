@@ -88,8 +88,10 @@ class LoRALinear(Linear):
     state_dict names do not change; the adapter adds "<name>.lora_A" and "<name>.lora_B".
     """
 
+    lora_bias = None    # PEFT's lora_bias: a trained bias b_B of the up-projection (out,), or None
+
     def __init__(self, base: Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "default", rng=None, dropout_rng=None):
+                 init: str = "default", rng=None, dropout_rng=None, lora_bias: bool = False):
         in_features, out_features = base.weight.shape
         self.weight = base.weight
         self.bias = base.bias
@@ -108,12 +110,17 @@ class LoRALinear(Linear):
             A, B = initial_adapter(init, r, in_features, out_features, rng)
         self.lora_A = Parameter(backend.asarray(A.astype(dtype)), added_by="lora")
         self.lora_B = Parameter(backend.asarray(B.astype(dtype)), added_by="lora")
+        if lora_bias:           # zero, as PEFT starts it, so the adapted layer still starts at the base
+            self.lora_bias = Parameter(backend.asarray(numpy.zeros(out_features, dtype=dtype)), added_by="lora")
         self.init = init
 
     def _pissa_init(self, r):
         """A, B from the top-r SVD of W (in PEFT's (out, in) layout), and W replaced by the residual.
 
         W^T = U S V^T;  A = sqrt(S_r / s) V_r^T,  B = U_r sqrt(S_r / s);  W <- W - s (B A)^T.
+        The starting pair is kept as ``pissa_initial = (A0, B0)`` (float64 host arrays, neither trained nor in
+        the state_dict): with it the trained adapter can be rewritten for the original W
+        (``pissa_for_original_base``).
         """
         W_out_in = backend.to_numpy(self.weight.data).astype(numpy.float64).T      # (out, in)
         U, S, Vt = numpy.linalg.svd(W_out_in, full_matrices=False)
@@ -122,6 +129,7 @@ class LoRALinear(Linear):
         B = U[:, :r] * root[None, :]                    # (out, r)
         residual = W_out_in - self.scale * (B @ A)
         self.weight.data[...] = backend.asarray(residual.T.astype(self.weight.data.dtype))
+        self.pissa_initial = (A.copy(), B.copy())
         return A, B
 
     def generators(self) -> list:
@@ -144,6 +152,8 @@ class LoRALinear(Linear):
         p = self.dropout if self.training else 0.0
         y, self._cache = PAIRS.lora_forward(x, self.weight.data, None if self.bias is None else self.bias.data,
                                             self.lora_A.data, self.lora_B.data, self.scale, p, self.dropout_rng)
+        if self.lora_bias is not None:            # y = x W + b + s ((xd A^T) B^T + b_B): b_B is inside the scale
+            y = y + self.scale * self.lora_bias.data
         return y
 
     def backward(self, dy):
@@ -155,6 +165,8 @@ class LoRALinear(Linear):
                                                  bias_grad=self.bias is not None and self.bias.trainable)
         self.lora_A.accumulate_grad(dA)
         self.lora_B.accumulate_grad(dB)
+        if self.lora_bias is not None:            # fwd: y = y + s b_B (b_B broadcast over every row)
+            self.lora_bias.accumulate_grad(self.scale * dy.reshape(-1, dy.shape[-1]).sum(axis=0))
         if dW is not None:
             self.weight.accumulate_grad(dW)
         if db is not None:
@@ -177,6 +189,12 @@ class LoRAConfig:
     W + s (BA)^T (dora.py); dora_norm_gradient: backpropagate through that norm exactly (True), or treat it as a
     constant as the DoRA paper suggests and PEFT does (False); loraplus_ratio: LoRA+ (Hayou et al. 2024), B
     trains at lambda = loraplus_ratio times the learning rate of A (loraplus.py; None: one rate for all).
+
+    What PEFT's LoRA trains besides (lora_extras.py): a target "wte" (or any Embedding) puts LoRA on the token
+    table; lora_bias: a trained bias of each up-projection B; modules_to_save: module-name suffixes (as targets,
+    plus "lm_head" for the output head) trained in full copies; trainable_token_indices: token ids whose rows of
+    wte train (the tied head reads them too); ensure_weight_tying: one trained copy of the table serves the
+    embedding and the head when wte or lm_head is in modules_to_save (otherwise the head keeps the original).
     """
 
     r: int = 8
@@ -189,6 +207,10 @@ class LoRAConfig:
     use_dora: bool = False
     dora_norm_gradient: bool = False
     loraplus_ratio: float | None = None
+    lora_bias: bool = False
+    modules_to_save: tuple = ()
+    trainable_token_indices: tuple = ()
+    ensure_weight_tying: bool = False
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, (int, numpy.integer)) or self.r < 1:
@@ -206,7 +228,7 @@ class LoRAConfig:
             raise ValueError(f"LoRAConfig.init must be one of {INITS}; got {self.init!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoRAConfig.bias must be one of {BIAS_MODES}; got {self.bias!r}")
-        for flag in ("use_dora", "dora_norm_gradient"):
+        for flag in ("use_dora", "dora_norm_gradient", "lora_bias", "ensure_weight_tying"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRAConfig.{flag} must be True or False; got {getattr(self, flag)!r}")
         if self.dora_norm_gradient and not self.use_dora:
@@ -216,6 +238,19 @@ class LoRAConfig:
                                   or not 0 < ratio < math.inf):
             raise ValueError(f"LoRAConfig.loraplus_ratio must be None or a finite number > 0 (lambda = eta_B / "
                              f"eta_A); got {self.loraplus_ratio!r}")
+        if self.lora_bias and self.use_dora:
+            raise ValueError("LoRAConfig.lora_bias=True with use_dora=True is not supported (nor is it by PEFT)")
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = (self.modules_to_save,)
+        self.modules_to_save = tuple(self.modules_to_save or ())
+        if not all(isinstance(t, str) and t for t in self.modules_to_save):
+            raise ValueError(f"LoRAConfig.modules_to_save must be module-name suffixes; got {self.modules_to_save!r}")
+        tokens = tuple(self.trainable_token_indices or ())
+        if not all(isinstance(t, (int, numpy.integer)) and not isinstance(t, bool) and t >= 0 for t in tokens) \
+                or len(set(tokens)) != len(tokens):
+            raise ValueError(f"LoRAConfig.trainable_token_indices must be distinct token ids (ints >= 0); got "
+                             f"{self.trainable_token_indices!r}")
+        self.trainable_token_indices = tuple(int(t) for t in tokens)
 
     @property
     def scale(self) -> float:
@@ -223,7 +258,8 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["targets"] = list(self.targets)
+        for key in ("targets", "modules_to_save", "trainable_token_indices"):
+            d[key] = list(getattr(self, key))
         return d
 
 
@@ -258,11 +294,16 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
     if lora_modules(model):
         raise ValueError("the model already has LoRA adapters: apply_lora twice would stack them; "
                          "start from a fresh model (or unload the adapters) first")
+    from .lora_extras import apply_extras, plan_extras     # what PEFT trains besides the linear layers' LoRA
+
     linears = linear_modules(model)
     chosen = [entry for entry in linears if _matches(entry[0], config.targets)]
-    if not chosen:
+    extras = plan_extras(model, config, [name for name, *_ in chosen])
+    if not chosen and not extras["embeddings"]:
         raise ValueError(f"no Linear module matches targets {list(config.targets)}; available: "
                          f"{sorted({name.split('.')[-1] for name, *_ in linears})} (full names like {linears[0][0]!r})")
+    if config.lora_bias and any(getattr(lin, "quantized", False) for *_, lin in chosen):
+        raise ValueError("lora_bias=True is not supported on a 4-bit NF4 base (QLoRA)")
     for name, _, _, lin in chosen:
         limit = min(lin.weight.shape)
         if config.r > limit:
@@ -285,9 +326,10 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
                                   dropout_rng)
         else:
             wrapped = layer_class(lin, config.r, config.alpha, config.dropout, config.use_rslora, config.init, rng,
-                                  dropout_rng, **extra)
+                                  dropout_rng, **extra, **({"lora_bias": True} if config.lora_bias else {}))
         wrapped.training = lin.training
         setattr(parent, attr, wrapped)
+    apply_extras(model, config, extras, rng)
     # loralib's bias modes: "all" trains every linear layer's bias, "lora_only" those of the adapted layers
     with_bias = [m for _, m in model.named_modules() if isinstance(m, Linear)] if config.bias == "all" else \
         [m for _, m in lora_modules(model)] if config.bias == "lora_only" else []
@@ -325,6 +367,13 @@ def merge_lora(model: Module) -> None:
     for name, m in layers:
         if getattr(m, "quantized", False):    # QLoRA (quant.py): the base is 4-bit codes, not a float W
             raise ValueError(f"cannot merge: {name} {m.merge_refusal()}; nothing was merged")
+        if m.lora_bias is not None and m.bias is None:
+            raise ValueError(f"cannot merge: {name} has a lora_bias but no bias to fold it into; nothing was merged")
+    from .lora_extras import LoRAEmbedding, extra_modules
+    for name, m in extra_modules(model):
+        if isinstance(m, LoRAEmbedding):     # the head reads the original table: folding the update in would move it
+            raise ValueError(f"cannot merge: {name} has LoRA on a table that the output head also reads; nothing "
+                             "was merged")
     merged = []
     for name, m in layers:
         with numpy.errstate(over="ignore", invalid="ignore"):   # non-finite results are reported below
@@ -335,6 +384,9 @@ def merge_lora(model: Module) -> None:
     for (_, m), new in zip(layers, merged):
         m._weight_before_merge = m.weight.data.copy()
         m.weight.data[...] = new
+        if m.lora_bias is not None:          # b <- b + s b_B
+            m._bias_before_merge = m.bias.data.copy()
+            m.bias.data[...] = m.bias.data + m.scale * m.lora_bias.data
         m.merged = True
 
 
@@ -352,15 +404,19 @@ def unmerge_lora(model: Module) -> None:
         raise ValueError("the LoRA adapters are not merged; there is nothing to unmerge")
     for _, m in layers:
         m.weight.data[...] = m.__dict__.pop("_weight_before_merge")
+        if "_bias_before_merge" in m.__dict__:
+            m.bias.data[...] = m.__dict__.pop("_bias_before_merge")
         m.merged = False
 
 
 @contextlib.contextmanager
 def disable_lora(model: Module):
     """``with disable_lora(model):`` the model computes the base model's output; the adapters stay in place."""
-    layers = lora_modules(model)
-    if any(m.merged for _, m in layers):
+    from .lora_extras import extra_modules
+
+    if any(m.merged for _, m in lora_modules(model)):
         raise ValueError("cannot disable merged adapters: unmerge_lora(model) first")
+    layers = lora_modules(model) + extra_modules(model)      # every adapted module, full copies included
     previous = [m.disabled for _, m in layers]
     for _, m in layers:
         m.disabled = True

@@ -54,6 +54,8 @@ class GPTConfig:
 class GPT(Module):
     """The GPT-2 language model. ``forward(idx)`` -> logits; ``backward(dlogits)`` accumulates gradients."""
 
+    lm_head = None      # None: the head is tied to wte's table; an adapter may set its own (lora_extras.py)
+
     def __init__(self, config: GPTConfig, seed: int = 0, dtype="float32"):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig; got {type(config).__name__}")
@@ -114,8 +116,11 @@ class GPT(Module):
         for block in self.h:
             x = block.forward(x)
         x = self.ln_f.forward(x)
-        # the output head reuses the token table (tied weights): logits = x @ wte^T
-        logits, self._cache = F.linear_forward(x, self.wte.weight.data.T)   # (B, T, V)
+        if self.lm_head is not None:            # a head an adapter set (lora_extras: untied, or tied to its table)
+            logits, head_cache = self.lm_head.forward(x), None
+        else:   # the output head reuses the token table (tied weights): logits = x @ wte^T
+            logits, head_cache = F.linear_forward(x, self.wte.weight.data.T)   # (B, T, V)
+        self._cache = (head_cache, tuple(logits.shape))
         return logits
 
     def backward(self, dlogits) -> None:
@@ -123,14 +128,17 @@ class GPT(Module):
         cache = self.__dict__.get("_cache")
         if cache is None:
             raise RuntimeError("GPT.backward called without a forward first (or twice)")
-        expected = (*cache[0].shape[:-1], self.config.vocab_size)
+        head_cache, expected = cache
         if tuple(dlogits.shape) != expected:
             raise ValueError(f"dlogits has shape {tuple(dlogits.shape)}; the last forward produced logits of shape {expected}")
         del self._cache
-        wte = self.wte.weight
-        dx, dWt, _ = F.linear_backward(dlogits, cache, weight_grad=wte.trainable)   # fwd: logits = x @ wte^T
-        if dWt is not None:
-            wte.accumulate_grad(dWt.T.copy())   # the head used wte^T; a fresh array, as accumulate_grad keeps it
+        if head_cache is None:
+            dx = self.lm_head.backward(dlogits)
+        else:
+            wte = self.wte.weight
+            dx, dWt, _ = F.linear_backward(dlogits, head_cache, weight_grad=wte.trainable)   # fwd: logits = x @ wte^T
+            if dWt is not None:
+                wte.accumulate_grad(dWt.T.copy())   # the head used wte^T; a fresh array, as accumulate_grad keeps it
         dx = self.ln_f.backward(dx)
         for block in reversed(list(self.h)):
             dx = block.backward(dx)

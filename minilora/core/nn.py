@@ -263,6 +263,15 @@ class Embedding(Module):
         if self.weight.trainable:
             self.weight.accumulate_grad(F.embedding_backward(dout, cache))
 
+    def table(self):
+        """(the table (V, C) a head tied to this module reads, its cache): the weight itself."""
+        return self.weight.data, None
+
+    def table_backward(self, dtable, cache) -> None:
+        """dtable: (V, C), the gradient of the table from a tied head."""
+        if self.weight.trainable:
+            self.weight.accumulate_grad(dtable.copy())
+
 
 class LayerNorm(Module):
     """LayerNorm over the last axis with weight (ones) and bias (zeros)."""
