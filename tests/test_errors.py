@@ -309,9 +309,9 @@ def test_optimizer_needs_parameters():
 
 
 def test_a_peft_adapter_config_is_checked_field_by_field_before_the_model_changes(tmp_path):
-    """A PEFT adapter_config.json that is not an object, has a field of the wrong type, or asks for something
-    the loader does not apply (modules_to_save, lora_bias, trainable tokens, an initialisation that changes the
-    base) is refused naming the file and the field; the model is left as it was."""
+    """A PEFT adapter_config.json that is not an object, lacks a required field, has a field of the wrong type or
+    one the loader does not know, or asks for something minilora's GPT does not have (repeated layers, an
+    initialisation that changes the base) is refused naming the file and the field; the model is left as it was."""
     import json
 
     model = ml.GPT(ml.GPTConfig(**CFG), seed=0, dtype="float64")
@@ -322,9 +322,10 @@ def test_a_peft_adapter_config_is_checked_field_by_field_before_the_model_change
         "a list": ([config], "holds a JSON list; a PEFT adapter config is a JSON object"),
         "alpha null": ({**config, "lora_alpha": None}, r"lora_alpha=None; expected a finite number > 0"),
         "r as text": ({**config, "r": "2"}, r"r='2'; expected an int >= 1"),
-        "modules_to_save": ({**config, "modules_to_save": ["ln_f"]}, r"modules_to_save=\['ln_f'\] \(full copies"),
-        "lora_bias": ({**config, "lora_bias": True}, r"lora_bias=True \(trained biases"),
-        "trainable tokens": ({**config, "trainable_token_indices": [1, 2]}, r"trainable_token_indices="),
+        "empty": ({}, r"lacks \['peft_type', 'r', 'lora_alpha', 'target_modules'\]"),
+        "layer replication": ({**config, "layer_replication": [[0, 1]]}, r"layer_replication=\[\[0, 1\]\] \(repeated"),
+        "unknown field": ({**config, "frobnicate": 1}, r"the field 'frobnicate' is not one minilora's loader knows"),
+        "bias all": ({**config, "bias": "all"}, r"bias='all'; expected 'none'"),
         "pissa": ({**config, "init_lora_weights": "pissa"}, r"init_lora_weights='pissa' changes the base weights"),
     }
     base = ml.GPT(ml.GPTConfig(**CFG), seed=0, dtype="float64")

@@ -175,6 +175,50 @@ class LoRALinear(Linear):
 
 
 # ----------------------------------------------------------------------------------------------------
+# PiSSA: the trained adapter, rewritten for the original weights
+
+
+def _pissa_start(layer):
+    """(A0 (r, in), B0 (out, r)): the pair a PiSSA layer started from; a clear error for any other layer."""
+    if getattr(layer, "init", None) != "pissa":
+        raise ValueError(f"the layer was initialised with init={getattr(layer, 'init', None)!r}, not 'pissa': "
+                         "its weight is the original one already")
+    if getattr(layer, "pissa_initial", None) is None:
+        raise ValueError("the PiSSA layer has no record of its starting A0, B0 (pissa_initial; a layer rebuilt "
+                         "from saved weights has none), so its original weight cannot be recovered")
+    if layer.merged:
+        raise ValueError("the PiSSA layer is merged (its W holds the update): unmerge_lora(model) first")
+    return layer.pissa_initial
+
+
+def pissa_for_original_base(layer):
+    """A PiSSA layer's adapter rewritten for the original weight W0: (A' (2r, in), B' (out, 2r)), float64 host
+    arrays, used at the layer's own scale s.
+
+    PiSSA moved the top-r part of W0 into the adapter and trains over what is left:
+        W0 = W_res + s (B0 A0)^T        (A0, B0: the start, layer.pissa_initial)
+    After training, the layer computes with W_res + s (B A)^T. Over W0 instead:
+        W_res + s (B A)^T = W0 + s (B A - B0 A0)^T = W0 + s (B' A')^T,
+        A' = [A; A0]   (2r, in),      B' = [B, -B0]   (out, 2r),
+    because B' A' = B A + (-B0) A0. So a plain rank-2r LoRA at the same scale over the original weights gives the
+    trained PiSSA layer's outputs; PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)
+    writes the same pair. (A' and B' are not a PiSSA start: over W0 alone, with B' = 0, they would do nothing.)
+    """
+    A0, B0 = _pissa_start(layer)
+    A = backend.to_numpy(layer.lora_A.data).astype(numpy.float64)          # (r, in)
+    B = backend.to_numpy(layer.lora_B.data).astype(numpy.float64)          # (out, r)
+    return numpy.concatenate([A, A0], axis=0), numpy.concatenate([B, -B0], axis=1)
+
+
+def pissa_original_weight(layer):
+    """W0 = W_res + s (B0 A0)^T: the weight a PiSSA layer was built from, (in, out) float64 host array (equal to
+    it up to the rounding of W_res to the model's dtype)."""
+    A0, B0 = _pissa_start(layer)
+    W_res = backend.to_numpy(layer.weight.data).astype(numpy.float64)     # (in, out)
+    return W_res + layer.scale * (A0.T @ B0.T)
+
+
+# ----------------------------------------------------------------------------------------------------
 # applying LoRA to a model
 
 
@@ -220,8 +264,10 @@ class LoRAConfig:
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         self.targets = tuple(self.targets)
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise ValueError(f"LoRAConfig.targets must be non-empty module-name suffixes; got {self.targets!r}")
+        if not all(isinstance(t, str) and t for t in self.targets) or not (
+                self.targets or self.modules_to_save or self.trainable_token_indices):
+            raise ValueError(f"LoRAConfig.targets must be non-empty module-name suffixes (empty only when "
+                             f"modules_to_save or trainable_token_indices train something); got {self.targets!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRAConfig.dropout must be in [0, 1); got {self.dropout!r}")
         if self.init not in INITS:
@@ -299,7 +345,7 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
     linears = linear_modules(model)
     chosen = [entry for entry in linears if _matches(entry[0], config.targets)]
     extras = plan_extras(model, config, [name for name, *_ in chosen])
-    if not chosen and not extras["embeddings"]:
+    if not chosen and not extras["embeddings"] and config.targets:
         raise ValueError(f"no Linear module matches targets {list(config.targets)}; available: "
                          f"{sorted({name.split('.')[-1] for name, *_ in linears})} (full names like {linears[0][0]!r})")
     if config.lora_bias and any(getattr(lin, "quantized", False) for *_, lin in chosen):
