@@ -278,6 +278,25 @@ def plan_extras(model: Module, config, lora_targets: list) -> dict:
             "tie": config.ensure_weight_tying}
 
 
+def planned_shapes(model: Module, config, plan: dict) -> dict:
+    """{parameter name: shape} of what apply_extras will add for this plan (for checking a file against it)."""
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name in plan["embeddings"]:
+        rows, C = modules[name].weight.shape
+        shapes[f"{name}.lora_embedding_A"] = (config.r, rows)
+        shapes[f"{name}.lora_embedding_B"] = (C, config.r)
+    for name in plan["copies"]:
+        shapes.update({f"{name}.copy.{k}": tuple(p.shape) for k, p in modules[name]._direct_parameters()})
+    if plan["tokens"]:
+        shapes["wte.token_values"] = (len(plan["tokens"]), modules["wte"].weight.shape[1])
+    elif plan["tie"] and (plan["head"] or "wte" in plan["copies"]):
+        shapes["wte.copy.weight"] = tuple(modules["wte"].weight.shape)
+    elif plan["head"]:
+        shapes["lm_head.weight"] = tuple(modules["wte"].weight.shape)
+    return shapes
+
+
 def apply_extras(model: Module, config, plan: dict, rng) -> None:
     """Apply a plan of plan_extras (in place)."""
     modules = dict(model.named_modules())

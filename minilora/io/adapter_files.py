@@ -16,6 +16,7 @@ from pathlib import Path
 from ..core import backend
 from ..core.dora import DoRALinear
 from ..core.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoRAConfig, apply_lora, linear_modules, lora_modules
+from ..core.lora_extras import extra_modules, plan_extras, planned_shapes
 from ..core.nn import Module
 from ..core.quant import NF4Weight, dequantize_nf4
 from .files import load_safetensors, read_json, save_safetensors, write_json
@@ -49,21 +50,21 @@ def base_fingerprint(model: Module, modules=None) -> str:
     return digest.hexdigest()
 
 
+ADAPTER_OWNERS = ("lora", "dora", "modules_to_save", "trainable_tokens")   # Parameter.added_by of what LoRA adds
+
+
 def adapter_state(model: Module) -> dict:
-    """{name: array} of what an adapter file holds: every lora_A / lora_B (and DoRA's lora_magnitude), and the
-    biases that train."""
+    """{name: array} of what an adapter file holds: every parameter LoRA added (lora_A / lora_B, DoRA's
+    lora_magnitude, lora_bias, LoRA on a table, trainable token rows, full trained copies), and the biases
+    that train."""
     layers = lora_modules(model)
-    if not layers:
+    if not layers and not extra_modules(model):
         raise ValueError("the model has no LoRA adapters")
-    state = {}
     for name, m in layers:
-        A, B = m.lora_A.data, m.lora_B.data
         if m.init == "pissa":
             raise ValueError("a PiSSA adapter changes the base weights; save the whole model "
                              "(interop.save_hf_gpt2) or export it with interop.save_peft_adapter")
-        state[f"{name}.lora_A"], state[f"{name}.lora_B"] = A, B
-        if isinstance(m, DoRALinear):
-            state[f"{name}.lora_magnitude"] = m.lora_magnitude.data
+    state = {name: p.data for name, p in model.named_parameters() if p.added_by in ADAPTER_OWNERS}
     config = getattr(model, "lora_config", None)
     if config is not None and config.bias != "none":
         for name, p in model.named_parameters(trainable_only=True):
@@ -124,7 +125,8 @@ def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> M
     directory = Path(directory)
     tensors, meta = read_lora(directory)
     try:
-        config = LoRAConfig(**{**meta["lora_config"], "targets": tuple(meta["lora_config"]["targets"])})
+        config = LoRAConfig(**{**meta["lora_config"], **{k: tuple(v) for k, v in meta["lora_config"].items()
+                                                        if isinstance(v, list)}})
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{directory / ADAPTER_WEIGHTS} has no valid lora_config: {exc}") from exc
     base_config = meta.get("base_model_config")
@@ -139,10 +141,7 @@ def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> M
         if any(isinstance(m, DoRALinear) != config.use_dora for m in existing.values()):
             raise ValueError(f"the adapter in {directory} is {'DoRA' if config.use_dora else 'plain LoRA'}; the "
                              f"model's LoRA layers are not")
-        expected = {f"{n}.lora_A": tuple(m.lora_A.shape) for n, m in existing.items()}
-        expected.update({f"{n}.lora_B": tuple(m.lora_B.shape) for n, m in existing.items()})
-        expected.update({f"{n}.lora_magnitude": tuple(m.lora_magnitude.shape) for n, m in existing.items()
-                         if isinstance(m, DoRALinear)})
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters() if p.added_by in ADAPTER_OWNERS}
     else:
         linears = {name: lin for name, _, _, lin in linear_modules(model)}
         missing = [n for n in meta.get("modules", []) if n not in linears]
@@ -155,6 +154,12 @@ def load_lora(model: Module, directory, seed: int = 0, force: bool = False) -> M
             expected[f"{n}.lora_B"] = (out_f, config.r)
             if config.use_dora:
                 expected[f"{n}.lora_magnitude"] = (out_f,)
+            if config.lora_bias:
+                expected[f"{n}.lora_bias"] = (out_f,)
+        try:
+            expected.update(planned_shapes(model, config, plan_extras(model, config, meta.get("modules", []))))
+        except ValueError as exc:
+            raise ValueError(f"the adapter in {directory} does not fit this model: {exc}") from None
     problems = []
     for key, shape in expected.items():
         if key not in tensors:

@@ -318,7 +318,7 @@ def _check_lora_fields(config: dict, file) -> None:
         elif key in _OFF_ONLY:
             if not _is_off(value):
                 raise ValueError(f"{file}: {key}={value!r} ({_OFF_ONLY[key]}) is not supported by minilora's "
-                                 "loader; expected it off (null)")
+                                 "loader; expected it off (null, false or empty)")
         else:
             raise ValueError(f"{file}: the field {key!r} is not one minilora's loader knows (PEFT LoraConfig "
                              f"fields: {sorted(_LORA_FIELDS) + sorted(_OFF_ONLY)}); refusing to guess what it does")
@@ -421,7 +421,7 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     if PEFT_CONFIG_COPY in header and json.loads(header[PEFT_CONFIG_COPY]) != config:
         raise ValueError(f"{config_file} does not match the config minilora wrote with {weights_file}: it was "
                          "edited, or a save was interrupted")
-    plan = _plan_peft_load(model, config, tensors, weights_file)
+    plan = _plan_peft_load(model, config, tensors, weights_file, config_file)
     _apply_peft_plan(model, config, plan)
     return model
 
@@ -430,9 +430,9 @@ def _strip(key: str) -> str:
     return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
 
 
-def _plan_peft_load(model: GPT, config: dict, tensors: dict, file) -> dict:
-    """Sort every tensor of the file into what it does, check every shape against the model and the config,
-    and return the plan; changes nothing."""
+def _plan_peft_load(model: GPT, config: dict, tensors: dict, file, config_file) -> dict:
+    """Sort every tensor of the weights ``file`` into what it does, check every shape against the model and the
+    config (read from ``config_file``), and return the plan; changes nothing."""
     C, V = model.config.n_embd, model.config.vocab_size
     names = _gpt2_modules(model.config.n_layer)
     targets = _peft_targets(config, names)
@@ -444,25 +444,25 @@ def _plan_peft_load(model: GPT, config: dict, tensors: dict, file) -> dict:
     if isinstance(token_ids, dict):
         tables = sorted(token_ids)
         if any(not ("transformer.wte" == t or "transformer.wte".endswith("." + t) or t == "wte") for t in tables):
-            raise ValueError(f"{file}: trainable_token_indices names {tables}; minilora's GPT has trainable tokens "
+            raise ValueError(f"{config_file}: trainable_token_indices names {tables}; minilora's GPT has trainable tokens "
                              "only on its token table (wte)")
         token_ids = [t for ids in token_ids.values() for t in ids]
     token_ids = list(token_ids or [])
     unsupported = sorted(t for t in targets if names[t] in ("head", "layernorm"))
     if unsupported:
-        raise ValueError(f"{file}: target_modules puts LoRA on {unsupported}; minilora supports LoRA on the linear "
+        raise ValueError(f"{config_file}: target_modules puts LoRA on {unsupported}; minilora supports LoRA on the linear "
                          "layers and the token and position tables (LoRA on the output head is not supported)")
     clash = sorted(set(targets) & set(saved))
     if clash:
-        raise ValueError(f"{file}: {clash} are both LoRA targets and modules_to_save; minilora does not combine them")
+        raise ValueError(f"{config_file}: {clash} are both LoRA targets and modules_to_save; minilora does not combine them")
     if token_ids and ("transformer.wte" in targets or "transformer.wte" in saved):
-        raise ValueError(f"{file}: trainable tokens and LoRA or a full copy on wte cannot be combined")
+        raise ValueError(f"{config_file}: trainable tokens and LoRA or a full copy on wte cannot be combined")
     if config.get("use_dora") and any(names[t] == "embedding" for t in targets):
-        raise ValueError(f"{file}: use_dora with LoRA on an embedding table is not supported by minilora's loader")
+        raise ValueError(f"{config_file}: use_dora with LoRA on an embedding table is not supported by minilora's loader")
     if config.get("lora_bias") and any(names[t] == "embedding" for t in targets):
-        raise ValueError(f"{file}: lora_bias with LoRA on an embedding table is not supported by minilora's loader")
+        raise ValueError(f"{config_file}: lora_bias with LoRA on an embedding table is not supported by minilora's loader")
     if config.get("lora_bias") and config.get("use_dora"):
-        raise ValueError(f"{file}: lora_bias with use_dora is not supported")
+        raise ValueError(f"{config_file}: lora_bias with use_dora is not supported")
 
     found = {}                      # module -> {kind: array}
     copies = {}                     # saved module -> {"weight"/"bias": array}
