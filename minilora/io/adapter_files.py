@@ -61,6 +61,7 @@ def adapter_state(model: Module) -> dict:
     if not layers and not extra_modules(model):
         raise ValueError("the model has no LoRA adapters")
     for name, m in layers:
+        m.lora_A        # a VeRA layer has none and says so (its adapter goes to vera_files.save_vera)
         if m.init == "pissa":
             raise ValueError("a PiSSA adapter changes the base weights; save the whole model "
                              "(interop.save_hf_gpt2) or export it with interop.save_peft_adapter")

@@ -48,7 +48,7 @@ from ..core.lora import _matches, linear_modules, lora_modules
 from ..core.nn import Module
 from ..core.vera import VeRAConfig, apply_vera, projection, projection_shape, vera_modules
 from .adapter_files import base_fingerprint, read_sealed
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .files import load_safetensors, save_safetensors, write_json
 
 VERA_WEIGHTS = "vera_adapter.safetensors"
 VERA_CONFIG = "vera_adapter_config.json"
@@ -342,6 +342,14 @@ def _unblock(weights, layout, r_file, A, B, unfused, fused, model):
     return r, plan, A_ours, B_ours
 
 
+# every field of PEFT's VeraConfig: r, the pair's seed, dropout and d_initial are applied; bias and modules_to_save
+# must be off (checked below); the rest describe the adapter or act only when PEFT creates one
+PEFT_VERA_FIELDS = {"auto_mapping", "base_model_name_or_path", "bias", "d_initial", "fan_in_fan_out", "inference_mode",
+                    "init_weights", "layers_pattern", "layers_to_transform", "modules_to_save", "peft_type",
+                    "peft_version", "projection_prng_key", "r", "revision", "save_projection", "target_modules",
+                    "task_type", "vera_dropout"}
+
+
 def load_peft_vera(model: Module, path) -> Module:
     """Apply a PEFT VeRA adapter saved for a GPT-2 model (with its pair: save_projection=True) to a minilora GPT
     without adapters (in place). Refused: a c_attn layer (see the module's docstring), a file without the pair."""
@@ -350,9 +358,15 @@ def load_peft_vera(model: Module, path) -> Module:
     path = Path(path)
     if lora_modules(model):
         raise ValueError("the model already has LoRA or VeRA layers; load a PEFT adapter into a base model")
-    config = read_json(path / "adapter_config.json")
+    from .peft_files import read_peft_config
+
+    config = read_peft_config(path / "adapter_config.json")
     if config.get("peft_type") != "VERA":
         raise ValueError(f"{path} holds a {config.get('peft_type')} adapter, not VERA")
+    unknown = sorted(set(config) - PEFT_VERA_FIELDS)
+    if unknown:
+        raise ValueError(f"{path / 'adapter_config.json'}: the fields {unknown} are not ones minilora's VeRA loader "
+                         f"knows (PEFT VeraConfig fields: {sorted(PEFT_VERA_FIELDS)}); refusing to guess what they do")
     if "r" not in config:
         raise ValueError(f"{path / 'adapter_config.json'} lacks r: a PEFT VeRA config always has it")
     if not config.get("save_projection", True):
