@@ -237,8 +237,9 @@ class LoRAConfig:
     What PEFT's LoRA trains besides (lora_extras.py): a target "wte" (or any Embedding) puts LoRA on the token
     table; lora_bias: a trained bias of each up-projection B; modules_to_save: module-name suffixes (as targets,
     plus "lm_head" for the output head) trained in full copies; trainable_token_indices: token ids whose rows of
-    wte train (the tied head reads them too); ensure_weight_tying: one trained copy of the table serves the
-    embedding and the head when wte or lm_head is in modules_to_save (otherwise the head keeps the original).
+    wte train (the tied head reads them too); ensure_weight_tying: with "lm_head" in modules_to_save, one trained
+    copy of the table serves the embedding and the head (otherwise a saved lm_head is a new, untied head, and a
+    saved wte leaves the head reading the original table, as in PEFT).
     """
 
     r: int = 8

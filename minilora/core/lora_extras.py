@@ -10,7 +10,7 @@ Four kinds, each exactly as PEFT computes it for GPT-2 (whose output head is tie
 The tie. GPT-2's head computes logits = x wte^T with the same table the embedding looks up. PEFT keeps that tie
 for trainable tokens (the head reads the rows that the embedding reads), but not for LoRA on the table nor for a
 full copy of wte or of lm_head: there the head keeps reading the ORIGINAL table (a full copy of lm_head is a
-new, untied head), unless the config sets ensure_weight_tying, which makes one trained copy serve both. The GPT
+new, untied head), unless the config sets ensure_weight_tying with lm_head saved: one trained copy serves both. The GPT
 says which head it uses with its ``lm_head`` slot: None (tied to wte's original table, as pretrained), an
 OutputHead (an untied head with its own weight) or a TiedHead (tied to a table that an adapter computes).
 """
@@ -274,8 +274,10 @@ def plan_extras(model: Module, config, lora_targets: list) -> dict:
         if "wte" in embeddings or "wte" in copies:
             raise ValueError("trainable tokens and LoRA or a full copy on wte cannot be combined: the table is "
                              "adapted one way")
+    # as PEFT: ensure_weight_tying ties a saved lm_head to the table (one trained copy for both); a saved wte alone
+    # stays untied, the head reading the original table
     return {"embeddings": embeddings, "copies": copies, "head": head, "tokens": tokens,
-            "tie": config.ensure_weight_tying}
+            "tie": config.ensure_weight_tying and head}
 
 
 def planned_shapes(model: Module, config, plan: dict) -> dict:
@@ -290,8 +292,8 @@ def planned_shapes(model: Module, config, plan: dict) -> dict:
         shapes.update({f"{name}.copy.{k}": tuple(p.shape) for k, p in modules[name]._direct_parameters()})
     if plan["tokens"]:
         shapes["wte.token_values"] = (len(plan["tokens"]), modules["wte"].weight.shape[1])
-    elif plan["tie"] and (plan["head"] or "wte" in plan["copies"]):
-        shapes["wte.copy.weight"] = tuple(modules["wte"].weight.shape)
+    elif plan["tie"]:
+        shapes.setdefault("wte.copy.weight", tuple(modules["wte"].weight.shape))
     elif plan["head"]:
         shapes["lm_head.weight"] = tuple(modules["wte"].weight.shape)
     return shapes
@@ -313,7 +315,7 @@ def apply_extras(model: Module, config, plan: dict, rng) -> None:
     if plan["tokens"]:
         model.wte = TrainableTokens(modules["wte"], plan["tokens"])
         model.lm_head = TiedHead(model.wte)      # PEFT keeps the tie for trainable tokens
-    elif plan["tie"] and (plan["head"] or "wte" in plan["copies"]):
+    elif plan["tie"]:
         if "wte" not in plan["copies"]:
             model.wte = TrainedCopy(modules["wte"])
         model.lm_head = TiedHead(model.wte)      # one trained copy of the table for both uses

@@ -199,9 +199,11 @@ def _export_extras(model: GPT, tensors: dict, ranks: dict, alphas: dict) -> dict
     if isinstance(head, OutputHead):
         tensors[f"{_PEFT_PREFIX}lm_head.weight"] = backend.to_numpy(head.weight.data)
         saved.append("lm_head")
-    elif isinstance(head, TiedHead) and isinstance(model.wte, TrainedCopy):   # one trained table for both uses
+    elif isinstance(head, TiedHead) and isinstance(model.wte, TrainedCopy):
+        # one trained table for both uses: PEFT ties a saved lm_head to the table when it loads this spelling
         tensors[f"{_PEFT_PREFIX}lm_head.weight"] = backend.to_numpy(model.wte.copy.weight.data)
         fields["ensure_weight_tying"] = True
+        saved = [hf for hf in saved if hf != "transformer.wte"] + ["lm_head"]
     if saved:
         fields["modules_to_save"] = saved
     return fields
@@ -437,9 +439,13 @@ def _plan_peft_load(model: GPT, config: dict, tensors: dict, file, config_file) 
     names = _gpt2_modules(model.config.n_layer)
     targets = _peft_targets(config, names)
     saved = _saved_modules(config, names)
-    tie = config.get("ensure_weight_tying", False)
-    if tie and ("transformer.wte" in saved or "lm_head" in saved):
-        saved = sorted(set(saved) | {"transformer.wte"} - {"lm_head"})   # one copy of the table serves both
+    # ensure_weight_tying ties a saved lm_head to the table: one trained copy for both. PEFT writes such an
+    # adapter as modules_to_save ["transformer.wte"] with the copy twice (transformer.wte.weight, lm_head.weight);
+    # a saved wte without lm_head stays untied (the head reads the original table).
+    tie = config.get("ensure_weight_tying", False) and (
+        "lm_head" in saved or ("transformer.wte" in saved and _PEFT_PREFIX + "lm_head.weight" in tensors))
+    if tie:
+        saved = sorted(set(saved) | {"transformer.wte"} - {"lm_head"})
     token_ids = config.get("trainable_token_indices")
     if isinstance(token_ids, dict):
         tables = sorted(token_ids)
