@@ -413,6 +413,9 @@ def load_peft_adapter(model: GPT, path) -> GPT:
     if not path.is_dir():
         raise FileNotFoundError(f"no PEFT adapter directory at {path}")
     config = read_peft_config(config_file)
+    if not weights_file.is_file() and (path / "adapter_model.bin").is_file():
+        raise ValueError(f"{path / 'adapter_model.bin'} is a pickle, which minilora never loads (it can run code); "
+                         "save the adapter with safe_serialization=True (adapter_model.safetensors)")
     if config.get("peft_type") == "VERA":
         from .vera_files import load_peft_vera
         return load_peft_vera(model, path)
