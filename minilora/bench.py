@@ -6,8 +6,11 @@ run; torch and transformers are imported only here, only when asked for, and nev
 from __future__ import annotations
 
 import cProfile
+import json
+import math
 import pstats
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy
 
@@ -181,6 +184,7 @@ class BenchResult:
     breakdown_s: dict = field(default_factory=dict)
     torch_note: str = ""
     nf4_memory: dict = field(default_factory=dict)       # the frozen linear weights: float32 bytes against NF4
+    load_memory: dict = field(default_factory=dict)      # loading a GPT-2 checkpoint: minilora beside transformers
 
 
 def nf4_memory(config: GPTConfig, block_size: int = 64) -> dict:
@@ -195,6 +199,135 @@ def nf4_memory(config: GPTConfig, block_size: int = 64) -> dict:
         out[key] = sum(w.nbytes for w in packed)
         out[f"{key} / float32"] = out[key] / out["float32"]
         out[f"{key} bits per weight"] = 8 * out[key] / out["numbers"]
+    return out
+
+
+GPT2_124M = GPTConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768)
+
+
+def write_random_gpt2(path, config: GPTConfig = GPT2_124M, seed: int = 0) -> int:
+    """Write a GPT-2 checkpoint of random float32 weights into the folder ``path`` (config.json and
+    model.safetensors in transformers' layout, without minilora's integrity record), one tensor at a time, so
+    that writing never holds more than one tensor; returns the weights' bytes."""
+    from .io.files import write_json
+    from .io.interop import hf_config, hf_tensor_shapes
+
+    path = Path(path)
+    shapes = {f"transformer.{name}": shape for name, shape in hf_tensor_shapes(config).items()}
+    header, offset = {}, 0
+    for name in sorted(shapes):
+        nbytes = 4 * math.prod(shapes[name])
+        header[name] = {"dtype": "F32", "shape": list(shapes[name]), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    rng = numpy.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for name in sorted(shapes):
+            values = rng.standard_normal(shapes[name], dtype=numpy.float32)
+            values *= 0.02
+            f.write(memoryview(values))
+    write_json(path / "config.json", hf_config(config, "float32"))
+    return offset
+
+
+# Run in a fresh interpreter: argv = loader ("minilora" or "transformers"), checkpoint, tiny warm-up checkpoint.
+# The peak is VmHWM, the high-water mark of this process's own memory, reset once the baseline is taken:
+# ru_maxrss would not do, as a child started by fork and exec keeps the parent's peak in it.
+_LOAD_MEMORY_SCRIPT = """
+import json, sys, time
+
+def memory():
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")}
+
+loader, path, warm = sys.argv[1:4]
+if loader == "minilora":
+    from minilora.io.interop import load_hf_gpt2
+    load = lambda p: load_hf_gpt2(p, dtype="float32")
+    weights = lambda model: [p.data for p in model.parameters()]
+else:
+    import torch
+    from transformers import GPT2LMHeadModel
+    load = lambda p: GPT2LMHeadModel.from_pretrained(p, dtype=torch.float32)
+    weights = lambda model: [p.detach() for p in model.parameters()]
+load(warm)                  # the loader's own code, imported lazily, is part of the interpreter's baseline
+before = memory()
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")        # reset VmHWM to the resident memory now
+    reset = True
+except OSError:
+    reset = False           # VmHWM then also holds the imports' peak: the figure can only be too high
+start = time.perf_counter()
+model = load(path)
+seconds = time.perf_counter() - start
+after = memory()
+total = sum(float(w.sum()) for w in weights(model))     # every weight read once, as a first forward reads them
+print(json.dumps({"before": before, "after": after, "used": memory(), "seconds": seconds, "peak_reset": reset}))
+"""
+
+
+def _load_in_fresh_process(loader: str, path, warm) -> dict:
+    """Run _LOAD_MEMORY_SCRIPT for ``loader`` in a new interpreter (NumPy backend) and return its figures."""
+    import os
+    import subprocess
+    import sys
+
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "MINILORA_BACKEND": "numpy",
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", _LOAD_MEMORY_SCRIPT, loader, str(path), str(warm)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {loader} load failed in its process: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure_load_memory(config: GPTConfig = GPT2_124M, with_transformers: bool = True) -> dict:
+    """Resident memory of loading a random GPT-2 checkpoint of ``config`` (float32) with minilora's load_hf_gpt2
+    and with transformers' GPT2LMHeadModel.from_pretrained, each in a fresh interpreter after its imports and a
+    warm-up load of a tiny checkpoint. For each loader, above that baseline, as multiples of the weights' bytes:
+    "after" (resident memory once loaded), "peak" (its high-water mark during the load), "used" (resident
+    memory once every weight has been read, as a first forward reads them: a loader that maps the file reads it
+    only then) and "used_file" (the part of "used" that is the checkpoint's own pages mapped from the page
+    cache); "seconds" the load's wall time. A loader that cannot run gets a "note" instead."""
+    import importlib.util
+    import tempfile
+    import time
+
+    out = {"config": config.to_dict()}
+    with tempfile.TemporaryDirectory(prefix="minilora-load-memory-") as folder:
+        start = time.perf_counter()
+        weights = out["weights_bytes"] = write_random_gpt2(Path(folder) / "model", config)
+        out["write_s"] = time.perf_counter() - start
+        write_random_gpt2(Path(folder) / "warm", GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8), seed=1)
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        for loader in ("minilora", "transformers"):
+            if loader == "transformers" and not with_transformers:
+                out[loader] = {"note": "skipped (PyTorch reference off)"}
+                continue
+            if loader == "transformers" and missing:
+                out[loader] = {"note": f"not installed ({', '.join(missing)} cannot be imported)"}
+                continue
+            try:
+                figures = _load_in_fresh_process(loader, Path(folder) / "model", Path(folder) / "warm")
+            except RuntimeError as exc:
+                if loader == "minilora":
+                    raise
+                out[loader] = {"note": str(exc)}
+                continue
+            before, after, used = figures["before"], figures["after"], figures["used"]
+            out[loader] = {"after": (after["VmRSS"] - before["VmRSS"]) / weights,
+                           "peak": (after["VmHWM"] - before["VmRSS"]) / weights,
+                           "used": (used["VmRSS"] - before["VmRSS"]) / weights,
+                           "used_file": sum(used[k] - before[k] for k in ("RssFile", "RssShmem")) / weights,
+                           "seconds": figures["seconds"], "baseline_bytes": before["VmRSS"],
+                           "peak_reset": figures["peak_reset"]}
     return out
 
 
@@ -217,9 +350,10 @@ def machine() -> tuple[str, str]:
 
 
 def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with_torch=True, threads=None,
-        profile=True, wide_n_embd: int | None = 1024) -> BenchResult:
+        profile=True, wide_n_embd: int | None = 1024, load_memory: GPTConfig | None = GPT2_124M) -> BenchResult:
     """Time the training step (fast path, reference core, LoRA, PyTorch eager and PEFT) and inference latency
-    (base, LoRA unmerged and merged, adapters at batch 1 and 32, on ``config`` and on a ``wide_n_embd`` model)."""
+    (base, LoRA unmerged and merged, adapters at batch 1 and 32, on ``config`` and on a ``wide_n_embd`` model);
+    measure the memory of loading a GPT-2 checkpoint of the ``load_memory`` architecture (None: skip it)."""
     config = config or GPTConfig()
     threads = threads or usable_cpus()
     tokens = batch_size * config.block_size
@@ -272,6 +406,8 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
     if profile:
         # cProfile sees only the calling thread: the breakdown is of a one-thread step
         result.breakdown_s = breakdown(minilora_step(config, batch_size, threads=1))
+    if load_memory is not None:
+        result.load_memory = measure_load_memory(load_memory, with_transformers=with_torch)
     return result
 
 
@@ -432,11 +568,37 @@ def format_result(r: BenchResult) -> str:
                   f"({m['nf4 bits per weight']:.3f} bits/weight); NF4 + double quantisation "
                   f"{m['nf4 double quant']:,} = {m['nf4 double quant / float32']:.3f}x "
                   f"({m['nf4 double quant bits per weight']:.3f} bits/weight)"]
+    if r.load_memory:
+        lines += [""] + format_load_memory(r.load_memory)
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a one-thread minilora step's time goes (cProfile, cumulative per function):"]
         lines += [f"  {name:44}{t * 1e3:8.1f} ms {100 * t / total:5.1f}%" for name, t in r.breakdown_s.items()]
     return "\n".join(lines)
+
+
+def format_load_memory(m: dict, goal: float = 1.2) -> list:
+    """The lines reporting measure_load_memory's figures."""
+    c = m["config"]
+    lines = [f"loading a GPT-2 checkpoint (n_layer={c['n_layer']} n_embd={c['n_embd']} vocab={c['vocab_size']} "
+             f"block_size={c['block_size']}), float32 weights {m['weights_bytes']:,} bytes, each loader in a fresh "
+             "process:",
+             "resident memory above the interpreter's (after imports and a warm-up load) in weights' bytes: after the "
+             "load, its peak, and once every weight has been read (a first forward)",
+             f"  {'':46}{'after':>7}{'peak':>7}{'read':>7}{'load s':>8}"]
+    for loader, label in (("minilora", "minilora load_hf_gpt2"),
+                          ("transformers", "transformers GPT2LMHeadModel.from_pretrained")):
+        f = m.get(loader) or {"note": "not measured"}
+        if "note" in f:
+            lines.append(f"  {label:46}{f['note']}")
+            continue
+        text = f"  {label:46}{f['after']:6.2f}x{f['peak']:6.2f}x{f['used']:6.2f}x{f['seconds']:8.2f}"
+        if loader == "minilora":
+            text += f"  {'meets' if max(f['after'], f['peak']) <= goal else 'misses'} the goal <= {goal:g} (after, peak)"
+        if f["used_file"] >= 0.05:
+            text += f"  (read: {f['used_file']:.2f}x the checkpoint's file pages, mapped)"
+        lines.append(text)
+    return lines
 
 
 def as_dict(r: BenchResult) -> dict:

@@ -8,7 +8,8 @@ from minilora import bench, cli
 def test_bench_reports_every_figure():
     config = ml.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)
     with_torch = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-    result = bench.run(config, batch_size=2, steps=2, warmup=1, with_torch=with_torch, profile=True, wide_n_embd=64)
+    result = bench.run(config, batch_size=2, steps=2, warmup=1, with_torch=with_torch, profile=True, wide_n_embd=64,
+                       load_memory=config)
     assert result.minilora_step_s > 0 and result.minilora_gflops > 0
     assert result.lora_step_s > 0 and result.lora_ratio > 0 and result.reference_step_s > 0
     # a ratio is summarised from the same rounds as the two times reported beside it
@@ -29,6 +30,22 @@ def test_bench_reports_every_figure():
     nf4 = result.nf4_memory             # byte counts of the frozen linear weights, not timings
     assert nf4["float32"] == 4 * nf4["numbers"] == 4 * (4 * 16 * 16 + 2 * 16 * 64)     # q, k, v, o; fc, proj
     assert nf4["nf4 / float32"] <= 0.3 and nf4["nf4 double quant"] < nf4["nf4"] and "NF4" in text
+    loaded = result.load_memory       # resident-memory figures of loading a checkpoint, reported, not judged here
+    assert loaded["weights_bytes"] == 4 * ml.GPT(config).num_parameters()
+    for loader in ("minilora", "transformers") if with_torch else ("minilora",):
+        assert set(loaded[loader]) >= {"after", "peak", "used", "seconds"}, loader
+    assert "minilora load_hf_gpt2" in text and "from_pretrained" in text
+
+
+def test_load_memory_checkpoint_is_a_gpt2_checkpoint(tmp_path):
+    config = ml.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=8)
+    nbytes = bench.write_random_gpt2(tmp_path, config)
+    model = ml.interop.load_hf_gpt2(tmp_path, dtype="float32")
+    assert model.config == config and nbytes == 4 * model.num_parameters()
+    assert all(p.data.std() > 0 for p in model.parameters())
+    measured = bench.measure_load_memory(config, with_transformers=False)
+    assert "note" in measured["transformers"] and measured["minilora"]["seconds"] > 0
+    assert "skipped" in "\n".join(bench.format_load_memory(measured))
 
 
 def test_step_flops_counts_matrix_products():

@@ -184,8 +184,8 @@ def _pissa_start(layer):
         raise ValueError(f"the layer was initialised with init={getattr(layer, 'init', None)!r}, not 'pissa': "
                          "its weight is the original one already")
     if getattr(layer, "pissa_initial", None) is None:
-        raise ValueError("the PiSSA layer has no record of its starting A0, B0 (pissa_initial; a layer rebuilt "
-                         "from saved weights has none), so its original weight cannot be recovered")
+        raise ValueError("the PiSSA layer has no record of its starting A0, B0 (pissa_initial), so its original "
+                         "weight cannot be recovered")
     if layer.merged:
         raise ValueError("the PiSSA layer is merged (its W holds the update): unmerge_lora(model) first")
     return layer.pissa_initial
@@ -202,7 +202,7 @@ def pissa_for_original_base(layer):
         A' = [A; A0]   (2r, in),      B' = [B, -B0]   (out, 2r),
     because B' A' = B A + (-B0) A0. So a plain rank-2r LoRA at the same scale over the original weights gives the
     trained PiSSA layer's outputs; PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...)
-    writes the same pair. (A' and B' are not a PiSSA start: over W0 alone, with B' = 0, they would do nothing.)
+    writes the same pair.
     """
     A0, B0 = _pissa_start(layer)
     A = backend.to_numpy(layer.lora_A.data).astype(numpy.float64)          # (r, in)

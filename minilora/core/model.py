@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy
 
 from . import backend, functional
-from .nn import Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Module, ModuleList
+from .nn import Block, CausalSelfAttention, Dropout, Embedding, LayerNorm, Module, ModuleList, Unfilled
 
 F = backend.Pairs(functional)     # the reference pairs, or their fast versions (see nn.py)
 
@@ -57,11 +57,22 @@ class GPT(Module):
     lm_head = None      # None: the head is tied to wte's table; an adapter may set its own (lora_extras.py)
 
     def __init__(self, config: GPTConfig, seed: int = 0, dtype="float32"):
+        # a host generator: identical weights on NumPy and CuPy
+        self._build(config, seed, dtype, numpy.random.default_rng(seed))
+
+    @classmethod
+    def _unfilled(cls, config: GPTConfig, dtype="float32") -> "GPT":
+        """A GPT(config, seed=0, dtype) whose drawn weights are zeros instead: for a loader that overwrites every
+        weight, so that building the model costs no random numbers and no temporaries."""
+        model = cls.__new__(cls)
+        model._build(config, 0, dtype, Unfilled())
+        return model
+
+    def _build(self, config, seed, dtype, init_rng):
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig; got {type(config).__name__}")
         self.config = config
         self.dtype = backend.resolve_dtype(dtype)
-        init_rng = numpy.random.default_rng(seed)    # host generator: identical weights on NumPy and CuPy
         self.dropout_rng = backend.rng(seed + 1)      # masks are drawn where the arrays live
         c = config
         proj_std = 0.02 / math.sqrt(2 * c.n_layer)    # GPT-2: residual projections scaled by 1/sqrt(2 n_layer)

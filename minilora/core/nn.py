@@ -208,8 +208,15 @@ class ModuleList(Module):
         return self._items[i]
 
 
+class Unfilled:
+    """The initialisation "generator" of a model whose every weight a loader is about to overwrite: normal_init
+    then gives zeros, drawing no random numbers and making no temporaries."""
+
+
 def normal_init(shape, std, seed_rng, dtype):
     """An array of N(0, std^2) draws made on the host (so NumPy and CuPy get the same numbers), on the backend."""
+    if isinstance(seed_rng, Unfilled):
+        return zeros(shape, dtype)
     return backend.asarray(seed_rng.normal(0.0, std, size=shape).astype(dtype))
 
 

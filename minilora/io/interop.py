@@ -15,12 +15,13 @@ fuses the query, key and value projections into one ``c_attn`` of shape (C, 3C) 
 from __future__ import annotations
 
 import re
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy
 
 from ..core import backend
-from .files import load_safetensors, read_json, save_safetensors, write_json
+from .files import SafetensorsReader, read_json, save_safetensors, write_json
 from ..core.model import GPT, GPTConfig
 
 _RENAMES = {  # per-block HF name -> minilora name (c_attn is handled apart: it is split in three)
@@ -46,6 +47,49 @@ def to_hf_state_dict(arrays: dict, n_layer: int, prefix: str = "transformer.") -
     return out
 
 
+def _gpt2_tensors(n_layer: int, n_embd: int):
+    """Yield (HF name without "transformer.", [(minilora name, the columns it takes, or None for all)]) for every
+    weight of a GPT-2, wte first; c_attn's columns are [q | k | v]."""
+    for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"):
+        yield name, [(name, None)]
+    for i in range(n_layer):
+        for hf_name, ours in _RENAMES.items():
+            for kind in ("weight", "bias"):
+                yield f"h.{i}.{hf_name}.{kind}", [(f"h.{i}.{ours}.{kind}", None)]
+        for kind in ("weight", "bias"):
+            yield f"h.{i}.attn.c_attn.{kind}", [(f"h.{i}.attn.{p}.{kind}", slice(j * n_embd, (j + 1) * n_embd))
+                                                for j, p in enumerate(_QKV)]
+
+
+def hf_tensor_shapes(config: GPTConfig) -> dict:
+    """{HF name without "transformer.": shape} of every weight of a GPT-2 of this architecture, in HF's layout
+    (Conv1D weights (in, out), c_attn fused)."""
+    C = config.n_embd
+    shapes = {"wte.weight": (config.vocab_size, C), "wpe.weight": (config.block_size, C),
+              "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    linear = {"attn.c_attn": (C, 3 * C), "attn.c_proj": (C, C), "mlp.c_fc": (C, 4 * C), "mlp.c_proj": (4 * C, C)}
+    for i in range(config.n_layer):
+        for norm in ("ln_1", "ln_2"):
+            shapes[f"h.{i}.{norm}.weight"] = shapes[f"h.{i}.{norm}.bias"] = (C,)
+        for name, (n_in, n_out) in linear.items():
+            shapes[f"h.{i}.{name}.weight"], shapes[f"h.{i}.{name}.bias"] = (n_in, n_out), (n_out,)
+    return shapes
+
+
+_BUFFERS = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")   # old checkpoints' attention masks
+_UNTIED = ("lm_head.weight differs from wte.weight: minilora's GPT ties its output head to the token embedding and "
+           "cannot load an untied head")
+
+
+def _unknown_tensors(names, used: set, n_layer: int) -> ValueError | None:
+    """The error for stored tensors a GPT-2 has no use for (not taken, not a tied head, not a mask buffer)."""
+    unknown = sorted(k for k in names if k not in used and k != "lm_head.weight" and not _BUFFERS.match(k))
+    if not unknown:
+        return None
+    return ValueError(f"the GPT-2 checkpoint holds tensors a GPT-2 of {n_layer} layers does not have: "
+                      f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+
+
 def from_hf_state_dict(hf: dict, n_layer: int, n_embd: int) -> dict:
     """HF GPT-2 {name: array} (with or without the "transformer." prefix) -> minilora {name: array}.
 
@@ -63,26 +107,19 @@ def from_hf_state_dict(hf: dict, n_layer: int, n_embd: int) -> dict:
                 return hf[key]
         raise ValueError(f"the GPT-2 checkpoint has no tensor {name!r} (nor 'transformer.{name}')")
 
-    out = {name: get(name) for name in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
-    for i in range(n_layer):
-        for hf_name, ours in _RENAMES.items():
-            for kind in ("weight", "bias"):
-                out[f"h.{i}.{ours}.{kind}"] = get(f"h.{i}.{hf_name}.{kind}")
-        for kind in ("weight", "bias"):
-            fused = get(f"h.{i}.attn.c_attn.{kind}")
-            if fused.shape[-1] != 3 * n_embd:
-                raise ValueError(f"h.{i}.attn.c_attn.{kind} has shape {fused.shape}; expected last axis 3 * {n_embd}")
-            for j, p in enumerate(_QKV):
-                out[f"h.{i}.attn.{p}.{kind}"] = fused[..., j * n_embd:(j + 1) * n_embd]   # split [q | k | v]
+    out = {}
+    for name, targets in _gpt2_tensors(n_layer, n_embd):
+        array = get(name)
+        if len(targets) > 1 and array.shape[-1] != 3 * n_embd:
+            raise ValueError(f"{name} has shape {array.shape}; expected last axis 3 * {n_embd}")
+        for ours, columns in targets:
+            out[ours] = array if columns is None else array[..., columns]
     lm_head = hf.get("lm_head.weight")
     if lm_head is not None and not numpy.array_equal(backend.to_numpy(lm_head), backend.to_numpy(out["wte.weight"])):
-        raise ValueError("lm_head.weight differs from wte.weight: minilora's GPT ties its output head to the "
-                         "token embedding and cannot load an untied head")
-    buffers = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)$")
-    unknown = sorted(k for k in hf if k not in used and k != "lm_head.weight" and not buffers.match(k))
-    if unknown:
-        raise ValueError(f"the GPT-2 checkpoint holds tensors a GPT-2 of {n_layer} layers does not have: "
-                         f"{unknown[:8]}{' ...' if len(unknown) > 8 else ''}")
+        raise ValueError(_UNTIED)
+    unknown = _unknown_tensors(hf, used, n_layer)
+    if unknown is not None:
+        raise unknown
     return out
 
 
@@ -125,24 +162,97 @@ def save_hf_gpt2(model: GPT, path) -> Path:
     return path
 
 
-def _read_hf_tensors(path: Path) -> dict:
+def _open_hf_tensors(path: Path, stack: ExitStack) -> dict:
+    """{stored tensor name: the open SafetensorsReader of the file holding it}, for a single or sharded checkpoint."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
     if single.is_file():
-        return load_safetensors(single)[0]
-    if index.is_file():   # a sharded checkpoint: the index maps each tensor to its file
+        files = [single]
+    elif index.is_file():   # a sharded checkpoint: the index maps each tensor to its file
         weight_map = read_json(index).get("weight_map", {})
-        tensors = {}
-        for shard in sorted(set(weight_map.values())):
-            tensors.update(load_safetensors(path / shard)[0])
-        return tensors
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must map tensor names to shard file names; got {weight_map!r}")
+        files = [path / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"{path} holds neither model.safetensors nor model.safetensors.index.json")
+    found = {}
+    for file in files:
+        reader = stack.enter_context(SafetensorsReader(file))
+        for name in reader.tensors:
+            if name in found:
+                raise ValueError(f"tensor {name!r} is stored twice, in {found[name].path} and in {file}")
+            found[name] = reader
+    return found
+
+
+def _hf_plan(found: dict, model: GPT) -> list:
+    """[(stored name, [(minilora Parameter, the columns it takes, or None)])] for every tensor the model takes,
+    after checking from the headers alone that the stored tensors are a GPT-2 of the model's architecture, as
+    from_hf_state_dict accounts for them: a missing, non-float, misshapen or unknown tensor, or a head of
+    another shape than wte, is an error naming it."""
+    params = dict(model.named_parameters())
+    shapes = hf_tensor_shapes(model.config)
+    used, plan = set(), []
+    for name, targets in _gpt2_tensors(model.config.n_layer, model.config.n_embd):
+        key = next((k for k in (f"transformer.{name}", name) if k in found), None)
+        if key is None:
+            raise ValueError(f"the GPT-2 checkpoint has no tensor {name!r} (nor 'transformer.{name}')")
+        info = found[key].tensors[key]
+        if info.dtype.kind != "f":
+            raise ValueError(f"the GPT-2 tensor {key!r} has dtype {info.dtype}; expected a float type")
+        expected = shapes[name]
+        if info.shape != expected:
+            raise ValueError(f"{found[key].path}: tensor {key!r} has shape {info.shape}; a GPT-2 of this "
+                             f"config.json has {expected}")
+        used.add(key)
+        plan.append((key, [(params[ours], columns) for ours, columns in targets]))
+    wte_key = plan[0][0]
+    if "lm_head.weight" in found and \
+            found["lm_head.weight"].tensors["lm_head.weight"].shape != found[wte_key].tensors[wte_key].shape:
+        raise ValueError(_UNTIED)
+    unknown = _unknown_tensors(found, used, model.config.n_layer)
+    if unknown is not None:
+        raise unknown
+    return plan
+
+
+def _fill_from_hf(found: dict, plan: list) -> None:
+    """Read every planned tensor into its parameters: straight from the file into a whole NumPy parameter, or
+    through a temporary of the tensor's own size when it is split (c_attn) or the parameters live on the GPU;
+    the tensors the model does not take (a tied lm_head, attention-mask buffers) are read a block at a time,
+    checked finite and the head compared with wte."""
+    for key, targets in plan:
+        reader = found[key]
+        if len(targets) == 1 and isinstance(targets[0][0].data, numpy.ndarray):
+            reader.read_into(key, targets[0][0].data)
+            continue
+        values = reader.read(key)
+        for param, columns in targets:
+            part = values if columns is None else values[..., columns]
+            with numpy.errstate(over="ignore"):     # an overflow is refused just below
+                param.data[...] = backend.asarray(part, dtype=param.data.dtype)
+            if not bool(backend.get_array_module(param.data).isfinite(param.data).all()):
+                raise ValueError(f"tensor {key!r} of {reader.path} does not fit {param.data.dtype}: some of its "
+                                 "values become infinite")
+    taken = {key for key, _ in plan}
+    wte_key = plan[0][0]
+    for key, reader in found.items():
+        if key == "lm_head.weight":
+            size = reader.block_bytes // 8     # values per block, the same for both whatever their dtypes
+            pairs = zip(reader.blocks(key, size), found[wte_key].blocks(wte_key, size))
+            if not all(numpy.array_equal(head, wte) for head, wte in pairs):
+                raise ValueError(_UNTIED)
+        elif key not in taken:
+            for _ in reader.blocks(key):   # unused, but a non-finite value is still damage
+                pass
 
 
 def load_hf_gpt2(path, dtype="float32", dropout: float = 0.0) -> GPT:
     """Read a GPT-2 directory (config.json + safetensors), as written by save_hf_gpt2 or transformers.
 
     Any GPT-2 size; the weights are cast to ``dtype``. dropout: the dropout of the returned model.
+    Each tensor goes from the file straight into the model's array (cast a few MB at a time when the dtypes
+    differ), so loading holds one copy of the weights, plus one c_attn at a time while it is split.
     """
     path = Path(path)
     if not path.is_dir():
@@ -168,9 +278,14 @@ def load_hf_gpt2(path, dtype="float32", dropout: float = 0.0) -> GPT:
         n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
         dropout=dropout, layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
     )
-    state = from_hf_state_dict(_read_hf_tensors(path), config.n_layer, config.n_embd)
-    model = GPT(config, seed=0, dtype=dtype)
-    model.load_state_dict(state)
+    dtype = backend.resolve_dtype(dtype)
+    with ExitStack() as stack:
+        found = _open_hf_tensors(path, stack)
+        model = GPT._unfilled(config, dtype)
+        plan = _hf_plan(found, model)
+        for reader in dict.fromkeys(found.values()):
+            reader.check_record()
+        _fill_from_hf(found, plan)
     return model
 
 

@@ -308,10 +308,13 @@ def _check_lora_fields(config: dict, file) -> None:
                          "to guess their values)")
     init = config.get("init_lora_weights", True)
     if init not in (True, False, "gaussian"):
-        raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights (the adapter belongs to "
-                         "PEFT's residual base, not to the original weights); load it over the base PEFT saved "
-                         "with it, or save it with path_initial_model_for_weight_conversion so that it applies "
-                         "to the original weights")
+        raise ValueError(f"{file}: init_lora_weights={init!r} changes the base weights: its A, B belong to the "
+                         "residual base PEFT derives from the original weights, not to the original weights. Two "
+                         "ways out: convert it in PEFT with save_pretrained(..., "
+                         "path_initial_model_for_weight_conversion=...), a rank-2r adapter for the original weights "
+                         "that loads here; or load it over the residual base PEFT saved "
+                         "(peft_model.get_base_model().save_pretrained) after setting init_lora_weights to true in "
+                         "a copy of this config")
     for key, value in config.items():
         if key in _LORA_FIELDS:
             expected, ok = _LORA_FIELDS[key]
