@@ -137,6 +137,19 @@ PEFT_CONFIGS = {
 }
 
 
+def test_a_bfloat16_peft_adapter_loads_exactly(base_dir, tmp_path):
+    """An adapter saved in bfloat16 (as PEFT saves one trained in bfloat16) loads with PEFT's logits: each value
+    widens to float32 exactly, and PEFT's float64 model widens it the same way."""
+    peft_adapter(base_dir, tmp_path / "adapter", target_modules=["c_attn", "c_fc"], modules_to_save=["ln_f"])
+    from safetensors.torch import load_file as load_torch, save_file as save_torch
+
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_torch(tmp_path / "adapter" / WEIGHTS).items()}
+    save_torch(tensors, tmp_path / "adapter" / WEIGHTS, metadata={"format": "pt"})
+    expected = torch_logits(peft.PeftModel.from_pretrained(hf_model(base_dir), tmp_path / "adapter").eval())
+    model = loaded_into_minilora(base_dir, tmp_path / "adapter")
+    assert np.abs(minilora_logits(model) - expected).max() <= TOL
+
+
 @pytest.mark.parametrize("name", PEFT_CONFIGS)
 def test_a_peft_adapter_loads_into_minilora_with_the_same_logits(name, base_dir, tmp_path):
     """An adapter trained and saved by PEFT gives, loaded into minilora over the same base, PEFT's logits."""

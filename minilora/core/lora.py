@@ -338,11 +338,11 @@ def apply_lora(model: Module, config: LoRAConfig | None = None, seed: int = 0) -
     config = config or LoRAConfig()
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig; got {type(config).__name__}")
-    if lora_modules(model):
+    from .lora_extras import apply_extras, extra_modules, plan_extras   # what PEFT trains besides linear LoRA
+
+    if lora_modules(model) or extra_modules(model) or getattr(model, "lm_head", None) is not None:
         raise ValueError("the model already has LoRA adapters: apply_lora twice would stack them; "
                          "start from a fresh model (or unload the adapters) first")
-    from .lora_extras import apply_extras, plan_extras     # what PEFT trains besides the linear layers' LoRA
-
     linears = linear_modules(model)
     chosen = [entry for entry in linears if _matches(entry[0], config.targets)]
     extras = plan_extras(model, config, [name for name, *_ in chosen])
@@ -418,9 +418,9 @@ def merge_lora(model: Module) -> None:
             raise ValueError(f"cannot merge: {name} has a lora_bias but no bias to fold it into; nothing was merged")
     from .lora_extras import LoRAEmbedding, extra_modules
     for name, m in extra_modules(model):
-        if isinstance(m, LoRAEmbedding):     # the head reads the original table: folding the update in would move it
-            raise ValueError(f"cannot merge: {name} has LoRA on a table that the output head also reads; nothing "
-                             "was merged")
+        if isinstance(m, LoRAEmbedding):     # wte: the head reads the original table, so folding would move it
+            raise ValueError(f"cannot merge: {name} has LoRA on an embedding table, which merge_lora does not fold "
+                             "(into wte it would also move the output head that reads it); nothing was merged")
     merged = []
     for name, m in layers:
         with numpy.errstate(over="ignore", invalid="ignore"):   # non-finite results are reported below

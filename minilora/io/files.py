@@ -139,9 +139,11 @@ def load_safetensors(path, sealed: bool = False) -> tuple[dict, dict]:
         raise FileNotFoundError(f"no safetensors file at {path}")
     raw = path.read_bytes()
     try:
-        tensors = load(raw)
         header_len = int.from_bytes(raw[:8], "little")
-        metadata = json.loads(raw[8:8 + header_len]).get("__metadata__", {}) or {}
+        header = json.loads(raw[8:8 + header_len])
+        metadata = header.get("__metadata__", {}) or {}
+        bfloat16 = any(isinstance(spec, dict) and spec.get("dtype") == "BF16" for spec in header.values())
+        tensors = load(raw) if not bfloat16 else _load_with_bfloat16(raw, header, 8 + header_len)
     except Exception as exc:  # safetensors raises its own error type for every kind of damage
         raise ValueError(f"{path} is not a valid safetensors file (corrupt or truncated?): {exc}") from exc
     check_finite(tensors, str(path))
@@ -152,6 +154,26 @@ def load_safetensors(path, sealed: bool = False) -> tuple[dict, dict]:
     if record is not None and record != content_sha256(tensors, metadata):
         raise ValueError(f"{path} is damaged: its content does not match the sha256 recorded when it was written")
     return tensors, metadata
+
+
+def _load_with_bfloat16(raw: bytes, header: dict, data_start: int) -> dict:
+    """The tensors of a safetensors file that holds bfloat16 ones (which NumPy has no dtype for), each bfloat16
+    tensor widened to float32 exactly: a bfloat16 is the upper 16 bits of the float32 of the same value."""
+    tensors = {}
+    for name, spec in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = spec["data_offsets"]
+        dtype = numpy.dtype("<u2") if spec["dtype"] == "BF16" else _READABLE_DTYPES[spec["dtype"]]
+        count = math.prod(spec["shape"])
+        if (end - begin) != count * dtype.itemsize or data_start + end > len(raw):
+            raise ValueError(f"tensor {name!r} spans bytes {spec['data_offsets']} of a {len(raw) - data_start}-byte "
+                             f"data section; its dtype and shape need {count * dtype.itemsize}")
+        array = numpy.frombuffer(raw, dtype, count, data_start + begin).reshape(spec["shape"])
+        if spec["dtype"] == "BF16":
+            array = (array.astype(numpy.uint32) << 16).view(numpy.float32)
+        tensors[name] = array.astype(array.dtype.newbyteorder("="))
+    return tensors
 
 
 class TensorInfo(NamedTuple):
