@@ -251,6 +251,12 @@ def plan_extras(model: Module, config, lora_targets: list) -> dict:
     apply_extras. lora_targets: the names of the modules LoRA adapts."""
     modules = dict(model.named_modules())
     embeddings = [n for n, m in modules.items() if type(m) is Embedding and _suffix_match(n, config.targets)]
+    for name in embeddings:
+        if config.use_dora or config.lora_bias:
+            raise ValueError(f"LoRA on the table {name} is plain LoRA: use_dora and lora_bias act on linear layers only")
+        if config.r > min(modules[name].weight.shape):
+            raise ValueError(f"LoRA rank r={config.r} exceeds min(rows, width) = {min(modules[name].weight.shape)} "
+                             f"of {name} {tuple(modules[name].weight.shape)}")
     wanted = [t for t in config.modules_to_save if t != "lm_head"]
     copies = [n for n, m in modules.items() if type(m) in (Linear, LayerNorm, Embedding) and _suffix_match(n, wanted)]
     for t in wanted:
