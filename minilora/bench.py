@@ -185,6 +185,7 @@ class BenchResult:
     torch_note: str = ""
     nf4_memory: dict = field(default_factory=dict)       # the frozen linear weights: float32 bytes against NF4
     load_memory: dict = field(default_factory=dict)      # loading a GPT-2 checkpoint: minilora beside transformers
+    contention: dict = field(default_factory=dict)       # `minilora tour` alone and beside a busy process
 
 
 def nf4_memory(config: GPTConfig, block_size: int = 64) -> dict:
@@ -413,10 +414,12 @@ def run(config: GPTConfig | None = None, batch_size=32, steps=10, warmup=2, with
 
 def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20, spreads=None, label="") -> tuple[dict, dict]:
     """Forward time (ms) at each batch size of the base model, LoRA r=4 (Wq, Wv) unmerged (the two-step
-    adapter) and merged, and adapters (m=4), all taking turns round by round; returns ({batch: {name: median
-    ms}}, {batch: {name: median of the per-round ratio to the base}}), and fills ``spreads`` when given."""
+    adapter) and merged, and adapters (m=4), all taking turns round by round on the same tokens; returns ({batch:
+    {name: median ms}}, {batch: {name: median of the per-round ratio to the base}}), and fills ``spreads`` when
+    given: each time's median and quartiles, and each ratio's median with its 95% interval (as q1, q3) and the
+    verdict that interval supports (timing.latency_verdict)."""
     from .core.adapters import AdapterConfig, apply_adapters
-    from .timing import paired_forward_samples
+    from .timing import latency_verdict, paired_forward_samples, ratio_interval
 
     models = {"base": GPT(config, seed=0),
               "lora unmerged": apply_lora(GPT(config, seed=0), LoRAConfig(r=4, alpha=8)),
@@ -429,12 +432,14 @@ def inference_latency(config: GPTConfig, batch_sizes=(1, 32), repeats=20, spread
         n = repeats * (5 if B == 1 else 1)
         samples = dict(zip(models, paired_forward_samples(list(models.values()), B, n)))
         ms[key] = {name: 1e3 * spread(t).median for name, t in samples.items()}
-        ratio[key] = {name: ratio_spread(t, samples["base"]).median for name, t in samples.items() if name != "base"}
+        intervals = {name: ratio_interval(t, samples["base"]) for name, t in samples.items() if name != "base"}
+        ratio[key] = {name: interval.median for name, interval in intervals.items()}
         if spreads is not None:
             for name, t in samples.items():
                 spreads[f"{label}inference {key} {name}"] = spread(t).scaled(1e3).to_dict()
-                if name != "base":
-                    spreads[f"{label}inference {key} {name} / base"] = ratio_spread(t, samples["base"]).to_dict()
+            for name, interval in intervals.items():
+                spreads[f"{label}inference {key} {name} / base"] = {**interval.to_dict(),
+                                                                     "verdict": latency_verdict(interval)}
     return ms, ratio
 
 
@@ -549,14 +554,15 @@ def format_result(r: BenchResult) -> str:
                              ("wide ", r.wide_inference_ms, f"n_embd {r.wide_config.get('n_embd')}")):
         if not ms:
             continue
-        lines += ["", f"inference latency, {title} (LoRA r=4 on Wq, Wv; unmerged = the two-step adapter):"]
+        lines += ["", f"inference latency, {title} (LoRA r=4 on Wq, Wv; unmerged = the two-step adapter; times: "
+                      "median [quartiles]; ratios to the base: median of the per-round ratio [its 95% interval]):"]
         for batch in ms:
             parts = [f"base {_figure(r, f'{label}inference {batch} base', 1)}"]
             for name in ms[batch]:
                 if name == "base":
                     continue
                 ratio_name = f"{label}inference {batch} {name} / base"
-                verdict = f" {_verdict(r.spreads.get(ratio_name), 1.02)}" if name == "lora merged" else ""
+                verdict = f" ({r.spreads[ratio_name]['verdict']})" if "verdict" in r.spreads.get(ratio_name, {}) else ""
                 parts.append(f"{name} {_figure(r, f'{label}inference {batch} {name}', 1)} = "
                              f"{_figure(r, ratio_name, 1, 'x')} of base{verdict}")
             lines += [f"  inference {batch}: " + "; ".join(parts)]
@@ -570,11 +576,61 @@ def format_result(r: BenchResult) -> str:
                   f"({m['nf4 double quant bits per weight']:.3f} bits/weight)"]
     if r.load_memory:
         lines += [""] + format_load_memory(r.load_memory)
+    if r.contention:
+        lines += [""] + format_contention(r.contention)
     if r.breakdown_s:
         total = sum(r.breakdown_s.values())
         lines += ["", "where a one-thread minilora step's time goes (cProfile, cumulative per function):"]
         lines += [f"  {name:44}{t * 1e3:8.1f} ms {100 * t / total:5.1f}%" for name, t in r.breakdown_s.items()]
     return "\n".join(lines)
+
+
+# what the other process does while the tour runs: spin in pure Python (one core, no BLAS), or multiply matrices
+# (NumPy's BLAS, with as many threads as it takes)
+BUSY_PROCESSES = {
+    "a busy Python process": "while True:\n    pass\n",
+    "a process multiplying matrices": "import numpy\na = numpy.ones((1024, 1024))\nwhile True:\n    a @ a\n",
+}
+
+
+def tour_under_load(tour_args=(), busy=tuple(BUSY_PROCESSES)) -> dict:
+    """Wall seconds of ``minilora tour`` (in a fresh process, into a temporary folder) alone, then beside one other
+    busy process of each kind in ``busy`` (started before the tour, killed after it), each as a multiple of the
+    quiet time. tour_args: extra arguments of the tour (["--quick"] for a smoke test)."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    def tour_seconds(out):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "minilora", "tour", "--out", out, *tour_args], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = {"command": "minilora tour " + " ".join(tour_args), "cpus": usable_cpus(),
+                  "quiet": tour_seconds(f"{tmp}/quiet")}
+        for name in busy:
+            other = subprocess.Popen([sys.executable, "-c", BUSY_PROCESSES[name]])
+            try:
+                seconds = tour_seconds(f"{tmp}/{len(result)}")
+            finally:
+                other.kill()
+                other.wait()
+            result[name] = {"seconds": seconds, "ratio": seconds / result["quiet"]}
+    return result
+
+
+def format_contention(m: dict, goal: float = 2.0) -> list:
+    """The lines reporting tour_under_load's figures."""
+    lines = [f"`{m['command'].strip()}` on {m['cpus']} usable CPUs, one run each: alone {m['quiet']:.0f} s"]
+    for name, figure in m.items():
+        if isinstance(figure, dict):
+            verdict = "within" if figure["ratio"] <= goal else "beyond"
+            lines.append(f"  beside {name}: {figure['seconds']:.0f} s = {figure['ratio']:.2f}x the quiet time "
+                         f"({verdict} the goal <= {goal:g}x)")
+    return lines
 
 
 def format_load_memory(m: dict, goal: float = 1.2) -> list:

@@ -322,6 +322,8 @@ def _bench(args) -> int:
     config = GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
     result = bench.run(config, batch_size=args.batch_size, steps=args.steps, with_torch=not args.no_torch,
                        threads=args.threads, profile=not args.no_profile)
+    if args.contention:
+        result.contention = bench.tour_under_load()
     print(bench.format_result(result))
     if args.json:
         from .io.files import write_json
@@ -699,6 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time one training step (forward, backward, AdamW) beside transformers' GPT-2, and measure "
                                    "the memory of loading a GPT-2 124M checkpoint beside transformers' from_pretrained.")
     b.add_argument("--batch-size", type=POSITIVE, default=32)
+    b.add_argument("--contention", action="store_true",
+                   help="also time `minilora tour` alone and beside a busy process of each kind (several minutes)")
     b.add_argument("--n-layer", type=POSITIVE, default=4)
     b.add_argument("--n-head", type=POSITIVE, default=4)
     b.add_argument("--n-embd", type=POSITIVE, default=128)

@@ -1,7 +1,7 @@
 """Running the teaching notebooks headless: ``minilora notebooks run [NAMES] [--out DIR] [--short]``.
 
-Each notebook runs from top to bottom in a fresh Jupyter kernel (nbclient), with matplotlib's Agg backend (no
-display) and the notebook's folder as the working directory; ``short`` sets MINILORA_QUICK=1, which every
+Each notebook runs from top to bottom in a fresh Jupyter kernel (nbclient), with matplotlib's inline backend (no
+display is needed, and the figures land in the executed copy) and the notebook's folder as the working directory; ``short`` sets MINILORA_QUICK=1, which every
 notebook reads to make its slow parts smaller (the test suite runs them so). The notebooks assert their own
 results, so a notebook that runs to the end passed every check in it. The executed copies, outputs included,
 are written to ``out_dir`` when one is given.
@@ -71,7 +71,9 @@ def run_notebook(path, short: bool = False, out_dir=None, timeout_s: float = TIM
     path = Path(path)
     nb = nbformat.read(path, as_version=4)
     saved = {key: os.environ.get(key) for key in ("MINILORA_QUICK", "MPLBACKEND")}
-    os.environ["MPLBACKEND"] = "Agg"                  # the kernel inherits this process's environment
+    # the kernel inherits this process's environment: a backend set for a script (Agg, TkAgg) would keep the
+    # figures out of the executed notebook, or need a display
+    os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     if short:
         os.environ["MINILORA_QUICK"] = "1"
     else:

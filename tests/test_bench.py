@@ -70,3 +70,15 @@ def test_scaling_measures_growth_and_attention_memory(tmp_path):
     assert b32 > 4 * b8            # more than linear in T: the (B, H, T, T) probabilities grow as T^2
     bench.plot_scaling(grown, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").stat().st_size > 0
+
+
+def test_tour_under_load_times_the_tour_alone_and_beside_a_busy_process():
+    """The contention measurement's mechanics, on the quick tour (no figure is asserted: targets live in the
+    benchmark's output)."""
+    from minilora import bench
+
+    m = bench.tour_under_load(["--quick"], busy=("a busy Python process",))
+    assert m["quiet"] > 0 and m["a busy Python process"]["seconds"] > 0
+    assert m["a busy Python process"]["ratio"] == m["a busy Python process"]["seconds"] / m["quiet"]
+    text = "\n".join(bench.format_contention(m))
+    assert "beside a busy Python process" in text and "the quiet time" in text
