@@ -127,18 +127,23 @@ class TrainableTokens(Module):
         self.token_values = Parameter(self.weight.data[backend.asarray(self.indices)].copy(),
                                       added_by="trainable_tokens")
 
-    def table(self):
-        """(V, C): the table the model computes with, and the cache of its replacement."""
+    def _replaced_table(self):
+        """(V, C): the table with the trained rows in place, and the cache of its replacement."""
         if self.disabled:
             return self.weight.data, None
         return PAIRS.replace_rows_forward(self.weight.data, backend.asarray(self.indices), self.token_values.data)
+
+    def table(self):
+        """The table of the current forward (the lookup runs before the head) and its cache, for the tied head:
+        the V x C table is built once per forward, not once per use."""
+        return self._table
 
     def table_backward(self, dtable, cache) -> None:
         if cache is not None:
             self.token_values.accumulate_grad(PAIRS.replace_rows_backward(dtable, cache))
 
     def forward(self, idx):
-        W2, replace_cache = self.table()
+        self._table = W2, replace_cache = self._replaced_table()
         out, lookup_cache = F.embedding_forward(idx, W2)
         self._cache = (lookup_cache, replace_cache)
         return out
@@ -253,7 +258,8 @@ def plan_extras(model: Module, config, lora_targets: list) -> dict:
     embeddings = [n for n, m in modules.items() if type(m) is Embedding and _suffix_match(n, config.targets)]
     for name in embeddings:
         if config.use_dora or config.lora_bias:
-            raise ValueError(f"LoRA on the table {name} is plain LoRA: use_dora and lora_bias act on linear layers only")
+            raise ValueError(f"LoRA on the table {name} is plain LoRA: use_dora and lora_bias act on linear layers "
+                             "only")
         if config.r > min(modules[name].weight.shape):
             raise ValueError(f"LoRA rank r={config.r} exceeds min(rows, width) = {min(modules[name].weight.shape)} "
                              f"of {name} {tuple(modules[name].weight.shape)}")

@@ -62,7 +62,6 @@ def save_peft_adapter(model: GPT, path, base: str = "original") -> Path:
         return save_peft_vera(model, path)
     from ..core.dora import DoRALinear, column_norm
     from ..core.lora import lora_modules
-
     from ..core.lora_extras import extra_modules
 
     layers = lora_modules(model)
@@ -94,7 +93,7 @@ def save_peft_adapter(model: GPT, path, base: str = "original") -> Path:
             B = numpy.zeros((3 * C, rank), dtype=A_parts[0].dtype)
             col = 0
             for (third, m), (A_m, B_m) in zip(parts, pairs):
-                row = ("q_proj", "k_proj", "v_proj").index(third) * C
+                row = _QKV.index(third) * C
                 r = A_m.shape[0]
                 B[row:row + C, col:col + r] = B_m * (m.scale / scale)
                 col += r
@@ -114,14 +113,14 @@ def save_peft_adapter(model: GPT, path, base: str = "original") -> Path:
             tensors[f"{_PEFT_PREFIX}{hf_name}.lora_magnitude_vector"] = magnitude
         ranks[hf_name], alphas[hf_name] = rank, scale * rank      # PEFT: scaling = lora_alpha / r
         dropout = max(dropout, max(m.dropout for _, m in parts))
-    extras = _export_extras(model, tensors, ranks, alphas)
-    first = next(iter(ranks), None)
+    extras = _export_extras(model, tensors, ranks, alphas)     # refuses an adapter without a LoRA target
+    first = next(iter(ranks))
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-        "r": ranks.get(first, 8), "lora_alpha": alphas.get(first, 8), "rank_pattern": ranks, "alpha_pattern": alphas,
+        "r": ranks[first], "lora_alpha": alphas[first], "rank_pattern": ranks, "alpha_pattern": alphas,
         "target_modules": sorted(ranks), "lora_dropout": dropout, "fan_in_fan_out": True, "bias": "none",
         "use_rslora": False, "use_dora": use_dora, "init_lora_weights": _init_lora_weights(layers, base),
-        "modules_to_save": None, "inference_mode": True, **extras,
+        "inference_mode": True, **extras,
     }
     path = Path(path)
     # the config rides in the weights file too, under its integrity record, so that minilora can tell an edited
@@ -155,9 +154,8 @@ def _hf_copy_name(name: str) -> tuple[str, str | None]:
 def _export_extras(model: GPT, tensors: dict, ranks: dict, alphas: dict) -> dict:
     """Write what PEFT trains besides the linear layers' LoRA into ``tensors`` (and the tables' LoRA ranks and
     alphas into ``ranks``/``alphas``); returns the config fields that describe it."""
-    from ..core.lora_extras import LoRAEmbedding, OutputHead, TiedHead, TrainableTokens, TrainedCopy, extra_modules
-
     from ..core.lora import lora_modules
+    from ..core.lora_extras import LoRAEmbedding, OutputHead, TiedHead, TrainableTokens, TrainedCopy, extra_modules
 
     modules = dict(model.named_modules())
     fields = {"lora_bias": any(m.lora_bias is not None for _, m in lora_modules(model)),
@@ -237,7 +235,6 @@ def _is_off(value) -> bool:
     return value is None or value is False or value == [] or value == {}
 
 
-_ANY = ("anything", lambda v: True)
 # Every field of PEFT's LoraConfig, with what it must be. Fields that only describe the adapter (its task, the
 # hub name of its base, the PEFT version...) or that only act when PEFT creates a new adapter (which layers to
 # target: the tensors and target_modules say which ones were) are checked for their type and then have no effect
@@ -455,24 +452,27 @@ def _plan_peft_load(model: GPT, config: dict, tensors: dict, file, config_file) 
     token_ids = config.get("trainable_token_indices")
     if isinstance(token_ids, dict):
         tables = sorted(token_ids)
-        if any(not ("transformer.wte" == t or "transformer.wte".endswith("." + t) or t == "wte") for t in tables):
-            raise ValueError(f"{config_file}: trainable_token_indices names {tables}; minilora's GPT has trainable tokens "
-                             "only on its token table (wte)")
+        if any(t != "transformer.wte" and not "transformer.wte".endswith("." + t) for t in tables):
+            raise ValueError(f"{config_file}: trainable_token_indices names {tables}; minilora's GPT has trainable "
+                             "tokens only on its token table (wte)")
         token_ids = [t for ids in token_ids.values() for t in ids]
     token_ids = list(token_ids or [])
     unsupported = sorted(t for t in targets if names[t] in ("head", "layernorm"))
     if unsupported:
-        raise ValueError(f"{config_file}: target_modules puts LoRA on {unsupported}; minilora supports LoRA on the linear "
-                         "layers and the token and position tables (LoRA on the output head is not supported)")
+        raise ValueError(f"{config_file}: target_modules puts LoRA on {unsupported}; minilora supports LoRA on the "
+                         "linear layers and the token and position tables (LoRA on the output head is not supported)")
     clash = sorted(set(targets) & set(saved))
     if clash:
-        raise ValueError(f"{config_file}: {clash} are both LoRA targets and modules_to_save; minilora does not combine them")
+        raise ValueError(f"{config_file}: {clash} are both LoRA targets and modules_to_save; minilora does not "
+                         "combine them")
     if token_ids and ("transformer.wte" in targets or "transformer.wte" in saved):
         raise ValueError(f"{config_file}: trainable tokens and LoRA or a full copy on wte cannot be combined")
     if config.get("use_dora") and any(names[t] == "embedding" for t in targets):
-        raise ValueError(f"{config_file}: use_dora with LoRA on an embedding table is not supported by minilora's loader")
+        raise ValueError(f"{config_file}: use_dora with LoRA on an embedding table is not supported by minilora's "
+                         "loader")
     if config.get("lora_bias") and any(names[t] == "embedding" for t in targets):
-        raise ValueError(f"{config_file}: lora_bias with LoRA on an embedding table is not supported by minilora's loader")
+        raise ValueError(f"{config_file}: lora_bias with LoRA on an embedding table is not supported by minilora's "
+                         "loader")
     if config.get("lora_bias") and config.get("use_dora"):
         raise ValueError(f"{config_file}: lora_bias with use_dora is not supported")
 
@@ -527,9 +527,6 @@ def _plan_peft_load(model: GPT, config: dict, tensors: dict, file, config_file) 
             raise ValueError(f"{file}: modules_to_save names {module!r} but the file holds no weights for it")
         arrays = copies[module]
         shapes = _copy_shapes(kind, module, model)
-        if shapes is None:
-            raise ValueError(f"{file}: modules_to_save {module!r} is not supported (minilora copies linear layers, "
-                             "LayerNorms, the tables and the head)")
         got = {k: tuple(v.shape) for k, v in arrays.items()}
         if got != shapes:
             raise ValueError(f"{file}: modules_to_save {module!r} holds {got}; this model needs {shapes}")
@@ -540,12 +537,11 @@ def _plan_peft_load(model: GPT, config: dict, tensors: dict, file, config_file) 
                          "transformer.wte.weight")
     if not lora and not full and tokens is None:
         raise ValueError(f"{file}: the adapter holds nothing to apply")
-    head = "lm_head" in full
-    return {"lora": lora, "full": full, "tokens": tokens, "head": head,
-            "tie": tie and "transformer.wte" in full}
+    return {"lora": lora, "full": full, "tokens": tokens, "head": "lm_head" in full, "tie": tie}
 
 
-def _copy_shapes(kind, module, model):
+def _copy_shapes(kind, module, model) -> dict:
+    """{"weight": shape, "bias": shape} a saved copy of this HF GPT-2 module (of _gpt2_modules' ``kind``) holds."""
     C, V = model.config.n_embd, model.config.vocab_size
     if kind == "layernorm":
         return {"weight": (C,), "bias": (C,)}
@@ -553,11 +549,9 @@ def _copy_shapes(kind, module, model):
         return {"weight": (V, C)}
     if kind == "embedding":
         return {"weight": (V if module.endswith("wte") else model.config.block_size, C)}
-    if kind == "linear":
-        W = dict(model.named_modules())[_minilora_names(module)[0]].weight
-        width = W.shape[1] * (3 if module.endswith("c_attn") else 1)
-        return {"weight": (W.shape[0], width), "bias": (width,)}
-    return None
+    W = dict(model.named_modules())[_minilora_names(module)[0]].weight      # a linear layer (c_attn: three)
+    width = W.shape[1] * (3 if module.endswith("c_attn") else 1)
+    return {"weight": (W.shape[0], width), "bias": (width,)}
 
 
 def _minilora_names(hf_name: str) -> list:
@@ -600,7 +594,8 @@ def _lora_entry(module, kind, parts, config, model, file) -> dict:
         out_f = sum(modules[n].weight.shape[1] for n in ours)
     if A.shape != (r, in_f) or B.shape != (out_f, r):
         raise ValueError(f"{file}: the adapter for {module} has A {tuple(A.shape)}, B {tuple(B.shape)}; this model "
-                         f"needs A {(r, in_f)}, B {(out_f, r)}" + ("; c_attn needs B (3C, r)" if len(ours) == 3 else ""))
+                         f"needs A {(r, in_f)}, B {(out_f, r)}"
+                         + ("; c_attn needs B (3C, r)" if len(ours) == 3 else ""))
     bias, magnitude = parts.get("lora_B.bias"), parts.get("lora_magnitude_vector")
     for extra_name, extra in (("lora_B.bias", bias), ("lora_magnitude_vector", magnitude)):
         if extra is not None and tuple(extra.shape) != (out_f,):
@@ -632,18 +627,20 @@ def _apply_peft_plan(model: GPT, config: dict, plan: dict) -> None:
         p.trainable = False
     dropout_rng = backend.rng(1)
     dropout = config.get("lora_dropout", 0.0)
-    layers = []
+    built = []      # (name, rank, scale) of every layer built
     for module, e in plan["lora"].items():
         if e["embedding"]:
-            layer = LoRAEmbedding(modules[e["names"][0]], e["A"].shape[0], e["scale"] * e["A"].shape[0])
+            r = e["A"].shape[0]
+            layer = LoRAEmbedding(modules[e["names"][0]], r, e["scale"] * r)
             layer.scale = e["scale"]
             layer.lora_embedding_A.data[...] = as_array(e["A"])
             layer.lora_embedding_B.data[...] = as_array(e["B"])
             replace(e["names"][0], layer)
+            built.append((e["names"][0], r, e["scale"]))
             continue
         for j, name in enumerate(e["names"]):
-            rows = e["B"][j * C:(j + 1) * C] if len(e["names"]) == 3 else e["B"]
             part = slice(j * C, (j + 1) * C) if len(e["names"]) == 3 else slice(None)
+            rows = e["B"][part]
             bias = None if e["bias"] is None else e["bias"][part]
             magnitude = None if e["magnitude"] is None else e["magnitude"][part]
             cols = numpy.flatnonzero(numpy.abs(rows).sum(axis=0))
@@ -667,7 +664,7 @@ def _apply_peft_plan(model: GPT, config: dict, plan: dict) -> None:
             if magnitude is not None:
                 layer.lora_magnitude.data[...] = as_array(magnitude)
             replace(name, layer)
-            layers.append((name, r))
+            built.append((name, r, e["scale"]))
     for module, arrays in plan["full"].items():
         if module == "lm_head":
             continue
@@ -689,12 +686,11 @@ def _apply_peft_plan(model: GPT, config: dict, plan: dict) -> None:
     elif plan["head"]:
         model.lm_head = OutputHead(Parameter(as_array(plan["full"]["lm_head"]["weight"]), added_by="modules_to_save"),
                                    model.wte)
+    # a record of what was built (one rank and scale: the largest rank, at the first layer's scale)
     saved = tuple(n for m in plan["full"] for n in (["lm_head"] if m == "lm_head" else _minilora_names(m)))
-    ranks = sorted({r for _, r in layers} | {e["A"].shape[0] for e in plan["lora"].values()})
-    first = next(iter(plan["lora"].values()), None)
+    r_max = max((r for _, r, _ in built), default=1)
     model.lora_config = LoRAConfig(
-        r=ranks[-1] if ranks else 1, alpha=(first["scale"] * ranks[-1]) if first else 1.0,
-        targets=tuple(n for e in plan["lora"].values() for n in e["names"]), dropout=dropout,
+        r=r_max, alpha=built[0][2] * r_max if built else 1.0, targets=tuple(n for n, _, _ in built), dropout=dropout,
         use_dora=bool(config.get("use_dora")), lora_bias=bool(config.get("lora_bias")),
         modules_to_save=tuple(dict.fromkeys(saved)),
         trainable_token_indices=tuple(plan["tokens"][0]) if plan["tokens"] else (),
